@@ -1,0 +1,89 @@
+"""The Python API: `kitelm.load(checkpoint)` → `LM`, a model with its tokenizer and text-level generation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from .config import ModelConfig
+from .data.tokenizer import load_tokenizer
+from .generate import Sampling, generate_tokens
+from .models import build_model
+from .train.checkpoint import CONFIG_FILE, load_weights, resolve_checkpoint, verify_checkpoint
+
+
+class LM:
+    """A trained model and its tokenizer.
+
+    >>> lm = kitelm.load("runs/default")
+    >>> print(lm.generate("def fibonacci(n):", max_new_tokens=100, temperature=0.8))
+    """
+
+    def __init__(self, model, tokenizer, path: Path | None = None):
+        self.model, self.tokenizer, self.path = model, tokenizer, path
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.model.config
+
+    def encode(self, text: str) -> list[int]:
+        ids = self.tokenizer.encode(text)
+        return ([self.tokenizer.bos_id] if self.tokenizer.bos_id is not None else []) + ids
+
+    def generate_ids(self, prompts: list[list[int]], max_new_tokens: int = 200, temperature: float = 1.0,
+                     top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+                     stop_at_eos: bool = True) -> Iterator[torch.Tensor]:
+        """Token-id generation: yields next ids [B] per step (see `kitelm.generate.generate_tokens`)."""
+        return generate_tokens(self.model, prompts, max_new_tokens, Sampling(temperature, top_k, top_p), seed,
+                               self.tokenizer.eos_id if stop_at_eos else None)
+
+    def stream(self, prompts: str | list[str], **kwargs) -> Iterator[list[str]]:
+        """Yield, per step, the newly completed text of every prompt (multi-byte characters are held back until
+        complete)."""
+        batch = [prompts] if isinstance(prompts, str) else list(prompts)
+        generated: list[list[int]] = [[] for _ in batch]
+        shown = [""] * len(batch)
+        finished = [False] * len(batch)
+        for step in self.generate_ids([self.encode(p) for p in batch], **kwargs):
+            pieces = []
+            for i, tok in enumerate(step.tolist()):
+                if finished[i] or tok == self.tokenizer.eos_id:
+                    finished[i] = True
+                    pieces.append("")
+                    continue
+                generated[i].append(tok)
+                text = self.tokenizer.decode(generated[i])
+                if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for its next byte
+                    pieces.append("")
+                    continue
+                pieces.append(text[len(shown[i]):])
+                shown[i] = text
+            yield pieces
+
+    def generate(self, prompts: str | list[str], **kwargs) -> str | list[str]:
+        """Generate continuations (text only, without the prompt); a list in, a list out."""
+        batch = [prompts] if isinstance(prompts, str) else list(prompts)
+        out = [""] * len(batch)
+        for pieces in self.stream(batch, **kwargs):
+            out = [o + p for o, p in zip(out, pieces)]
+        return out[0] if isinstance(prompts, str) else out
+
+
+def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> LM:
+    """Load a checkpoint folder or a run folder (its newest valid checkpoint). Files are verified first."""
+    folder = resolve_checkpoint(path)
+    if (folder / "manifest.json").exists():
+        verify_checkpoint(folder)
+    config = ModelConfig.load(folder / CONFIG_FILE)
+    model = build_model(config, device="meta")  # no time spent on random init of weights about to be replaced
+    if set(dict(model.named_buffers())) - set(model.state_dict()):  # non-persistent buffers need a real init
+        model = build_model(config, device=device)
+    else:
+        model = model.to_empty(device=device)
+    load_weights(model, folder)
+    model.eval()
+    if dtype is not None:
+        model = model.to(dtype)
+    return LM(model, load_tokenizer(folder), folder)

@@ -1,0 +1,169 @@
+"""Model configuration: one typed dataclass for every architecture, validation, JSON round trip, named presets.
+
+A config is plain data: it builds a model through `kitelm.models.build_model(config)` and is saved as `config.json`
+beside the weights. Fields that only one architecture uses say so in their comment; validation is per architecture.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+MLP_KINDS = ("geglu", "swiglu", "relu", "gelu")
+
+
+@dataclass
+class ModelConfig:
+    """Hyper-parameters of a language model. `arch` picks the model family (see `kitelm.models.ARCHITECTURES`)."""
+
+    name: str = "custom"
+    arch: str = "transformer"
+    vocab_size: int = 257  # byte-level tokenizer: 256 bytes + <|endoftext|>
+    width: int = 256
+    n_layers: int = 6
+    n_heads: int = 8
+    n_kv_heads: int | None = None  # None = n_heads (MHA); 1 = multi-query; in between = grouped-query
+    head_dim: int | None = None  # None = width // n_heads
+    mlp: str = "geglu"  # geglu | swiglu (gated, two input matrices) or relu | gelu (plain)
+    mlp_hidden: int | None = None  # None = 4·width for plain MLPs, 8/3·width rounded up to 64 for gated ones
+    norm_eps: float = 1e-6
+    rope_base: float = 10_000.0
+    rope_fraction: float = 1.0  # fraction of each head's dimensions that RoPE rotates (Griffin: 0.5)
+    tie_embeddings: bool = True
+    init_std: float = 0.02
+    max_seq_len: int = 1024  # longest context the model is trained for; the default KV-cache capacity
+    logit_softcap: float = 0.0  # c·tanh(logits/c) when > 0 (RecurrentGemma: 30)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ------------------------------------------------------------------ derived sizes
+    @property
+    def kv_heads(self) -> int:
+        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+
+    @property
+    def dim_per_head(self) -> int:
+        return self.head_dim if self.head_dim is not None else self.width // self.n_heads
+
+    @property
+    def mlp_width(self) -> int:
+        if self.mlp_hidden is not None:
+            return self.mlp_hidden
+        if self.mlp in ("geglu", "swiglu"):
+            return 64 * -(-(8 * self.width // 3) // 64)
+        return 4 * self.width
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> None:
+        from .models import ARCHITECTURES  # local import: models import config
+
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise ConfigError(f"invalid config {self.name!r}: {msg}")
+
+        need(self.arch in ARCHITECTURES, f"arch={self.arch!r} is unknown; choose one of {sorted(ARCHITECTURES)}")
+        for name in ("vocab_size", "width", "n_layers", "n_heads", "max_seq_len"):
+            value = getattr(self, name)
+            need(isinstance(value, int) and value > 0, f"{name}={value!r} must be a positive integer")
+        need(self.mlp in MLP_KINDS, f"mlp={self.mlp!r} is unknown; choose one of {list(MLP_KINDS)}")
+        if self.head_dim is None:
+            need(self.width % self.n_heads == 0,
+                 f"n_heads={self.n_heads} does not divide width={self.width}; pick a divisor or set head_dim")
+        need(self.dim_per_head % 2 == 0, f"head dimension {self.dim_per_head} must be even for RoPE")
+        need(1 <= self.kv_heads <= self.n_heads and self.n_heads % self.kv_heads == 0,
+             f"n_kv_heads={self.kv_heads} must divide n_heads={self.n_heads} (1 = multi-query)")
+        need(0.0 < self.rope_fraction <= 1.0, f"rope_fraction={self.rope_fraction} must be in (0, 1]")
+        rotated = int(self.dim_per_head * self.rope_fraction)
+        need(rotated % 2 == 0, f"rope_fraction={self.rope_fraction} rotates {rotated} dims; it must be even")
+        need(self.mlp_width > 0, f"mlp_hidden={self.mlp_hidden} must be positive")
+        need(self.norm_eps > 0, f"norm_eps={self.norm_eps} must be positive")
+        need(self.init_std > 0, f"init_std={self.init_std} must be positive")
+        need(self.logit_softcap >= 0, f"logit_softcap={self.logit_softcap} must be >= 0 (0 disables it)")
+        ARCHITECTURES[self.arch].validate_config(self, need)
+
+    # ------------------------------------------------------------------ serialisation
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown config field(s) {unknown}; valid fields are {sorted(known)}")
+        return cls(**data)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ModelConfig":
+        try:
+            data = json.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"config file {path} is not valid JSON ({err})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path} must hold a JSON object")
+        return cls.from_dict(data)
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+    def with_overrides(self, overrides: list[str]) -> "ModelConfig":
+        """Apply `key=value` strings (values parsed as JSON, else kept as strings), e.g. `["n_layers=4", "mlp=relu"]`."""
+        changes: dict[str, Any] = {}
+        known = {f.name for f in dataclasses.fields(self)}
+        for item in overrides:
+            key, sep, raw = item.partition("=")
+            if not sep:
+                raise ConfigError(f"override {item!r} must look like key=value, e.g. n_layers=4")
+            try:
+                value = json.loads(raw)
+            except json.JSONDecodeError:
+                value = raw
+            if key in known:
+                changes[key] = value
+            else:
+                hint = difflib.get_close_matches(key, known, n=1)
+                raise ConfigError(f"unknown config field {key!r}" + (f"; did you mean {hint[0]!r}?" if hint else ""))
+        return self.replace(**changes)
+
+
+# ---------------------------------------------------------------------- presets
+PRESETS: dict[str, ModelConfig] = {}
+
+
+def register_preset(config: ModelConfig) -> ModelConfig:
+    """Add a named config to the registry (names are unique)."""
+    if config.name in PRESETS:
+        raise ValueError(f"preset {config.name!r} is registered twice")
+    PRESETS[config.name] = config
+    return config
+
+
+def get_preset(name: str) -> ModelConfig:
+    """Return a copy of the preset `name`; an unknown name raises ConfigError with the closest matches."""
+    _load_builtin_presets()
+    if name not in PRESETS:
+        hint = difflib.get_close_matches(name, PRESETS, n=3)
+        raise ConfigError(f"unknown preset {name!r}" + (f"; did you mean {', '.join(hint)}?" if hint else "")
+                          + " (run `kitelm presets` for the list)")
+    return dataclasses.replace(PRESETS[name])
+
+
+def list_presets() -> list[ModelConfig]:
+    _load_builtin_presets()
+    return list(PRESETS.values())
+
+
+def _load_builtin_presets() -> None:
+    from . import presets  # noqa: F401  (registers on import)

@@ -1,0 +1,122 @@
+"""Tokenizers: byte-level (256 bytes + <|endoftext|>, nothing to train) and byte-level BPE trained with HF
+`tokenizers`. Both save to and load from `tokenizer.json` in a checkpoint folder.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterable, Protocol
+
+from ..errors import CheckpointError, ConfigError, KitelmError
+
+EOT = "<|endoftext|>"
+TOKENIZER_FILE = "tokenizer.json"
+
+
+class Tokenizer(Protocol):
+    name: str  # "byte", "bpe:8192", ...
+    vocab_size: int
+    eos_id: int  # separates documents; generation stops on it
+    bos_id: int | None  # prepended to prompts when the model was trained with one
+
+    def encode(self, text: str) -> list[int]: ...
+    def decode(self, ids: Iterable[int]) -> str: ...
+    def save(self, directory: str | Path) -> None: ...
+
+
+def _utf8(text: str) -> bytes:
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise KitelmError(f"text cannot be encoded as UTF-8 ({err.reason} at character {err.start}); "
+                          "remove the invalid characters (lone surrogates) from the prompt") from None
+
+
+class ByteTokenizer:
+    """Token i < 256 is byte i; 256 is <|endoftext|>. Exact round trip for any byte string."""
+
+    name = "byte"
+    vocab_size = 257
+    eos_id = 256
+    bos_id = None
+
+    def encode(self, text: str) -> list[int]:
+        return list(_utf8(text))
+
+    def encode_bytes(self, data: bytes) -> list[int]:
+        return list(data)
+
+    def decode_bytes(self, ids: Iterable[int]) -> bytes:
+        return bytes(i for i in ids if i < 256)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+    def save(self, directory: str | Path) -> None:
+        (Path(directory) / TOKENIZER_FILE).write_text(json.dumps({"kitelm_tokenizer": "byte"}) + "\n")
+
+
+class BPETokenizer:
+    """Byte-level BPE (GPT-2 style pre-tokenisation) from HF `tokenizers`; <|endoftext|> is a special token."""
+
+    def __init__(self, hf_tokenizer):
+        self.hf = hf_tokenizer
+        self.vocab_size = hf_tokenizer.get_vocab_size()
+        self.eos_id = hf_tokenizer.token_to_id(EOT)
+        self.bos_id = None
+        self.name = f"bpe:{self.vocab_size}"
+
+    @classmethod
+    def train(cls, texts: Iterable[str], vocab_size: int) -> "BPETokenizer":
+        from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
+
+        tok = HFTokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, special_tokens=[EOT],
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+        tok.train_from_iterator(texts, trainer=trainer)
+        return cls(tok)
+
+    def encode(self, text: str) -> list[int]:
+        _utf8(text)
+        return self.hf.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.hf.decode(list(ids), skip_special_tokens=True)
+
+    def save(self, directory: str | Path) -> None:
+        self.hf.save(str(Path(directory) / TOKENIZER_FILE))
+
+
+def parse_tokenizer_spec(spec: str) -> tuple[str, int | None]:
+    """`byte` or `bpe:N` (N ≥ 512) → (kind, vocab size)."""
+    if spec == "byte":
+        return "byte", None
+    kind, _, size = spec.partition(":")
+    if kind == "bpe" and size.isdigit() and 512 <= int(size) <= 1 << 20:
+        return "bpe", int(size)
+    raise ConfigError(f"--tokenizer {spec!r} is not understood; use 'byte' or 'bpe:N' with N >= 512, e.g. bpe:8192")
+
+
+def load_tokenizer(directory: str | Path) -> Tokenizer:
+    """Load the tokenizer saved in a checkpoint folder (`tokenizer.json`)."""
+    path = Path(directory) / TOKENIZER_FILE
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing; the checkpoint has no tokenizer") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise CheckpointError(f"{path} is not valid JSON; the checkpoint is corrupt") from None
+    if data.get("kitelm_tokenizer") == "byte":
+        return ByteTokenizer()
+    from tokenizers import Tokenizer as HFTokenizer
+
+    try:
+        return BPETokenizer(HFTokenizer.from_file(str(path)))
+    except Exception as err:  # tokenizers raises bare Exceptions for malformed files
+        raise CheckpointError(f"{path} is not a tokenizer file ({err})") from None

@@ -1,0 +1,1 @@
+"""Building blocks shared by the architectures: norms, rotary embeddings, MLPs, attention."""

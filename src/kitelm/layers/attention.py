@@ -1,0 +1,57 @@
+"""Causal self-attention with multi-head, grouped-query and multi-query variants (through `n_kv_heads`), RoPE and
+`scaled_dot_product_attention`. With a `KVCache` it decodes incrementally; with padded `positions` (−1) it masks pads.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..cache import KVCache
+from .rope import RotaryEmbedding
+
+
+def causal_mask(k_pos: torch.Tensor, q_slot: torch.Tensor, k_slot: torch.Tensor) -> torch.Tensor:
+    """Boolean mask [B, 1, Tq, Tk]: a query sees real keys (pos ≥ 0) stored at or before its own slot.
+    A query always sees its own slot, so padded queries never get an empty row."""
+    allowed = (k_slot[None, :] <= q_slot[:, None]).unsqueeze(0) & (k_pos >= 0).unsqueeze(1)
+    allowed = allowed | (k_slot[None, :] == q_slot[:, None]).unsqueeze(0)
+    return allowed.unsqueeze(1)
+
+
+class Attention(nn.Module):
+    """x [B, T, D] → [B, T, D].  softmax(q kᵀ/√hd + M) v with q, k rotated by RoPE; K/V shared by groups of heads."""
+
+    def __init__(self, width: int, n_heads: int, kv_heads: int, head_dim: int, rope: RotaryEmbedding,
+                 bias: bool = False):
+        super().__init__()
+        self.n_heads, self.kv_heads, self.head_dim = n_heads, kv_heads, head_dim
+        self.q = nn.Linear(width, n_heads * head_dim, bias=bias)
+        self.k = nn.Linear(width, kv_heads * head_dim, bias=bias)
+        self.v = nn.Linear(width, kv_heads * head_dim, bias=bias)
+        self.out = nn.Linear(n_heads * head_dim, width, bias=bias)
+        self.rope = rope
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor | None, cache: KVCache | None = None) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = self.q(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        plain = positions is None
+        if plain:
+            positions = torch.arange(t, device=x.device).expand(b, t)
+        q, k = self.rope(q, positions), self.rope(k, positions)
+        if cache is None and plain:  # training fast path: no padding, standard causal mask
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.kv_heads != self.n_heads)
+        else:
+            start = cache.length if cache is not None else 0
+            if cache is not None:
+                k, v, k_pos = cache.append(k, v, positions)
+            else:
+                k_pos = positions
+            q_slot = torch.arange(start, start + t, device=x.device)
+            k_slot = torch.arange(k.shape[2], device=x.device)
+            mask = causal_mask(k_pos, q_slot, k_slot)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.kv_heads != self.n_heads)
+        return self.out(y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))

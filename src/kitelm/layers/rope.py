@@ -1,0 +1,30 @@
+"""Rotary position embeddings (Su et al., 2021) in the rotate-half layout, on all or the first part of each head.
+
+For a head vector split as [x_rot (r dims) | x_pass], with x_rot = [x1 | x2] (r/2 each) and
+θ_i = pos · base^(-2i/r):  x_rot' = [x1·cos θ − x2·sin θ | x2·cos θ + x1·sin θ]. `x_pass` is unchanged.
+Griffin rotates only the first half of each head (r = head_dim / 2).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class RotaryEmbedding(nn.Module):
+    def __init__(self, head_dim: int, base: float = 10_000.0, fraction: float = 1.0):
+        super().__init__()
+        self.rotated = int(head_dim * fraction)
+        self.base = base
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """x: [B, H, T, hd]; positions: [B, T] absolute positions (negative = padding, treated as 0)."""
+        exponents = torch.arange(0, self.rotated, 2, device=x.device, dtype=torch.float32) / self.rotated
+        inv_freq = 1.0 / self.base**exponents  # [r/2]
+        angles = positions.clamp(min=0).unsqueeze(-1).to(torch.float32) * inv_freq  # [B, T, r/2]
+        cos = angles.cos().unsqueeze(1).to(x.dtype)  # [B, 1, T, r/2]
+        sin = angles.sin().unsqueeze(1).to(x.dtype)
+        x_rot, x_pass = x[..., : self.rotated], x[..., self.rotated:]
+        x1, x2 = x_rot.chunk(2, dim=-1)
+        rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+        return torch.cat((rotated, x_pass), dim=-1) if x_pass.shape[-1] else rotated

@@ -1,0 +1,1 @@
+"""Training: the loop, optimizer groups and schedules, atomic checkpoints."""

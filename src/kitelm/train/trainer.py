@@ -1,0 +1,268 @@
+"""The training loop: AdamW with weight-decay groups, warmup + decay, clipping, accumulation, periodic validation,
+`metrics.jsonl`, a loss-curve PNG and atomic checkpoints with `resume="auto"`. Deterministic for a seed on CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .. import __version__
+from ..config import ModelConfig
+from ..data.corpus import load_corpus
+from ..data.dataset import WindowSampler, build_tokenizer, prepare_tokens, validation_windows
+from ..errors import CheckpointError, ConfigError, KitelmError
+from ..models import build_model
+from .checkpoint import latest_checkpoint, load_train_state, load_weights, resolve_checkpoint, save_checkpoint
+from .schedule import lr_at
+
+SCHEDULES = ("cosine", "linear", "constant")
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = "runs/default"
+    data: str | None = None  # None = the Python standard library corpus
+    tokenizer: str = "byte"  # byte | bpe:N
+    steps: int = 1200
+    batch_size: int = 16  # sequences per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    seq_len: int = 256
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 100
+    schedule: str = "cosine"
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    eval_every: int = 200
+    eval_tokens: int = 32_768  # validation tokens per periodic evaluation
+    save_every: int = 200
+    keep_last: int = 3
+    log_every: int = 10
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise ConfigError(f"invalid training option: {msg}")
+
+        for name in ("steps", "batch_size", "grad_accum", "seq_len", "eval_every", "eval_tokens", "save_every",
+                     "log_every"):
+            need(isinstance(getattr(self, name), int) and getattr(self, name) > 0,
+                 f"{name}={getattr(self, name)!r} must be a positive integer")
+        need(self.lr > 0, f"lr={self.lr} must be positive")
+        need(0 <= self.min_lr_ratio <= 1, f"min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
+        need(self.warmup_steps >= 0, f"warmup_steps={self.warmup_steps} must be >= 0")
+        need(self.schedule in SCHEDULES, f"schedule={self.schedule!r}; choose one of {list(SCHEDULES)}")
+        need(self.weight_decay >= 0 and self.grad_clip >= 0, "weight_decay and grad_clip must be >= 0")
+        need(self.keep_last >= 1, f"keep_last={self.keep_last} must be at least 1")
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.grad_accum * self.seq_len
+
+
+class TrainingDiverged(KitelmError):
+    """The loss became NaN or infinite."""
+
+
+def lm_loss(model, batch: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy (nats) of `batch [B, T+1]`."""
+    logits = model(batch[:, :-1])
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+
+
+@torch.no_grad()
+def evaluate(model, windows: torch.Tensor, batch_size: int = 16) -> tuple[float, int]:
+    """Total next-token loss (nats) and token count over `windows [N, T+1]`."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(windows), batch_size):
+        batch = windows[i: i + batch_size]
+        logits = model(batch[:, :-1])
+        total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
+                                 reduction="sum").item()
+        count += batch[:, 1:].numel()
+    model.train(was_training)
+    return total, count
+
+
+def _write_metrics(path: Path, rows: list[dict]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tmp.replace(path)
+
+
+def plot_losses(rows: list[dict], path: Path, title: str) -> None:
+    """Train and validation loss vs step, saved as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    if train:
+        ax.plot(*zip(*train), label="train", lw=1)
+    if val:
+        ax.plot(*zip(*val), "o-", label="validation", lw=1.5)
+    ax.set(xlabel="step", ylabel="loss (nats/token)", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+class Trainer:
+    """Trains `model_config` under `train_config`. `log(msg)` receives progress lines; `progress=True` shows a bar."""
+
+    def __init__(self, model_config: ModelConfig, train_config: TrainConfig, resume: str | None = None,
+                 log: Callable[[str], None] | None = None, progress: bool = False):
+        self.tc = train_config
+        self.log = log or (lambda msg: None)
+        self.progress = progress
+        self.out = Path(train_config.out_dir)
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+            probe = self.out / ".write-test"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as err:
+            raise KitelmError(f"output folder {self.out} is not writable ({err.strerror}); "
+                              "choose another --out") from None
+        self.resume_from = self._find_resume(resume)
+        torch.manual_seed(train_config.seed)
+
+        self.log("loading corpus ...")
+        self.corpus = load_corpus(train_config.data)
+        self.tokenizer = build_tokenizer(train_config.tokenizer, self.corpus)
+        self.data = prepare_tokens(self.corpus, self.tokenizer)
+        if model_config.vocab_size != self.tokenizer.vocab_size:
+            model_config = model_config.replace(vocab_size=self.tokenizer.vocab_size)
+        self.model_config = model_config
+        self.model = build_model(model_config)
+        self.optimizer = torch.optim.AdamW(self.model.weight_decay_groups(train_config.weight_decay),
+                                           lr=train_config.lr, betas=(train_config.beta1, train_config.beta2),
+                                           foreach=True)
+        self.sampler = WindowSampler(self.data.train, train_config.seq_len, train_config.batch_size,
+                                     train_config.grad_accum, seed=train_config.seed)
+        self.val_windows = validation_windows(self.data.validation, train_config.seq_len, train_config.eval_tokens)
+        self.step = 0
+        self.metrics: list[dict] = []
+        self.metrics_path = self.out / "metrics.jsonl"
+        if self.resume_from is not None:
+            self._restore(self.resume_from)
+
+    # ------------------------------------------------------------------ resume
+    def _find_resume(self, resume: str | None) -> Path | None:
+        if resume is None:
+            return None
+        if resume == "auto":
+            return latest_checkpoint(self.out)  # None: start fresh
+        return resolve_checkpoint(resume)
+
+    def _restore(self, path: Path) -> None:
+        saved = ModelConfig.load(path / "config.json")
+        if saved != self.model_config:
+            diff = {k: (v, getattr(self.model_config, k)) for k, v in saved.to_dict().items()
+                    if getattr(self.model_config, k) != v}
+            raise CheckpointError(f"checkpoint {path} is from a different model ({diff} as saved vs requested); "
+                                  "resume with the same --model/--set options or use a new --out")
+        load_weights(self.model, path)
+        state = load_train_state(path)
+        self.optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"])
+        self.step = int(state["step"])
+        if self.metrics_path.exists():
+            rows = [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
+            self.metrics = [r for r in rows if r.get("step", 0) <= self.step]
+        self.log(f"resumed from {path} at step {self.step}")
+
+    # ------------------------------------------------------------------ loop
+    def run_metadata(self) -> dict:
+        return {"kitelm": __version__, "torch": torch.__version__, "threads": torch.get_num_threads(),
+                "corpus": self.corpus.fingerprint, "tokenizer": self.tokenizer.name,
+                "train_config": dataclasses.asdict(self.tc), "model": self.model_config.name,
+                "params": self.model.num_params(), "non_embedding_params": self.model.num_params(True)}
+
+    def save(self) -> Path:
+        state = {"step": self.step, "optimizer": self.optimizer.state_dict(), "rng": torch.get_rng_state()}
+        path = save_checkpoint(self.out, self.step, self.model, self.model_config, self.tokenizer, state,
+                               self.run_metadata(), keep_last=self.tc.keep_last)
+        _write_metrics(self.metrics_path, self.metrics)
+        return path
+
+    def validate(self) -> float:
+        total, count = evaluate(self.model, self.val_windows, self.tc.batch_size)
+        return total / count
+
+    def train(self) -> dict:
+        tc = self.tc
+        (self.out / "run.json").write_text(json.dumps(self.run_metadata(), indent=2) + "\n")
+        self.model.train()
+        bar = None
+        if self.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=tc.steps, initial=self.step, unit="step", dynamic_ncols=True)
+        t_start, tokens_since, t_since = time.perf_counter(), 0, time.perf_counter()
+        try:
+            while self.step < tc.steps:
+                lr = lr_at(self.step, tc.lr, tc.steps, tc.warmup_steps, tc.schedule, tc.min_lr_ratio)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
+                loss_sum = 0.0
+                for micro in range(tc.grad_accum):
+                    loss = lm_loss(self.model, self.sampler.batch(self.step, micro)) / tc.grad_accum
+                    loss.backward()
+                    loss_sum += loss.item()
+                if not math.isfinite(loss_sum):
+                    raise TrainingDiverged(
+                        f"loss became {loss_sum} at step {self.step}; training stopped before the update, the last "
+                        f"checkpoint in {self.out / 'checkpoints'} is intact; lower --lr or raise --warmup-steps")
+                norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip or float("inf"))
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.step += 1
+                tokens_since += tc.tokens_per_step
+                if self.step % tc.log_every == 0 or self.step == tc.steps:
+                    now = time.perf_counter()
+                    row = {"step": self.step, "loss": round(loss_sum, 5), "lr": lr, "grad_norm": round(norm.item(), 4),
+                           "tokens": self.step * tc.tokens_per_step,
+                           "tokens_per_s": round(tokens_since / (now - t_since), 1),
+                           "elapsed_s": round(now - t_start, 2)}
+                    self.metrics.append(row)
+                    tokens_since, t_since = 0, now
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
+                if self.step % tc.eval_every == 0 or self.step == tc.steps:
+                    val = self.validate()
+                    self.metrics.append({"step": self.step, "val_loss": round(val, 5)})
+                    (bar.write if bar is not None else self.log)(f"step {self.step}: validation loss {val:.4f} nats/token")
+                    t_since = time.perf_counter()  # evaluation time is not training throughput
+                if self.step % tc.save_every == 0 or self.step == tc.steps:
+                    self.save()
+                if bar is not None:
+                    bar.update(1)
+        finally:
+            if bar is not None:
+                bar.close()
+            if self.metrics:
+                _write_metrics(self.metrics_path, self.metrics)
+                plot_losses(self.metrics, self.out / "loss.png", f"{self.model_config.name} on {self.corpus.name}")
+        last = [r for r in self.metrics if "val_loss" in r]
+        return {"step": self.step, "val_loss": last[-1]["val_loss"] if last else None,
+                "checkpoint": str(latest_checkpoint(self.out)), "elapsed_s": round(time.perf_counter() - t_start, 1)}
