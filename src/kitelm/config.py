@@ -39,6 +39,8 @@ class ModelConfig:
     init_std: float = 0.02
     max_seq_len: int = 1024  # longest context the model is trained for; the default KV-cache capacity
     logit_softcap: float = 0.0  # c·tanh(logits/c) when > 0 (RecurrentGemma: 30)
+    # --- Griffin / Hawk / RecurrentGemma options (arch="griffin") ---------------------------------------------
+    # --- Simplified-block options (He & Hofmann 2023) ------------------------------------------------------------
 
     def __post_init__(self) -> None:
         self.validate()

@@ -12,3 +12,7 @@ register_preset(ModelConfig(name="transformer-small", width=256, n_layers=6, n_h
 register_preset(ModelConfig(name="transformer-base", width=768, n_layers=12, n_heads=12, max_seq_len=1024))
 register_preset(ModelConfig(name="transformer-1b", width=2048, n_layers=16, n_heads=16, n_kv_heads=4,
                             max_seq_len=2048))
+
+# --- Griffin / Hawk / RecurrentGemma ----------------------------------------------------------------------------
+
+# --- Simplified transformer blocks ------------------------------------------------------------------------------
