@@ -77,6 +77,8 @@ def cmd_generate(args) -> int:
     prompts = args.prompt
     kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=0.0 if args.greedy else args.temperature,
                   top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    for prompt in prompts:  # reject prompts the tokenizer cannot encode before printing anything
+        lm.encode(prompt)
     if len(prompts) == 1:  # stream a single prompt token by token
         sys.stdout.write(prompts[0])
         for pieces in lm.stream(prompts[0], **kwargs):

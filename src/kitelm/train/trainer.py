@@ -209,18 +209,20 @@ class Trainer:
         total, count = evaluate(self.model, self.val_windows, self.tc.batch_size)
         return total / count
 
-    def train(self) -> dict:
+    def train(self, until: int | None = None) -> dict:
+        """Train to step `until` (default: the configured `steps`; the schedule always spans `steps`)."""
         tc = self.tc
+        until = tc.steps if until is None else min(until, tc.steps)
         (self.out / "run.json").write_text(json.dumps(self.run_metadata(), indent=2) + "\n")
         self.model.train()
         bar = None
         if self.progress:
             from tqdm import tqdm
 
-            bar = tqdm(total=tc.steps, initial=self.step, unit="step", dynamic_ncols=True)
+            bar = tqdm(total=until, initial=self.step, unit="step", dynamic_ncols=True)
         t_start, tokens_since, t_since = time.perf_counter(), 0, time.perf_counter()
         try:
-            while self.step < tc.steps:
+            while self.step < until:
                 lr = lr_at(self.step, tc.lr, tc.steps, tc.warmup_steps, tc.schedule, tc.min_lr_ratio)
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
@@ -238,7 +240,7 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 self.step += 1
                 tokens_since += tc.tokens_per_step
-                if self.step % tc.log_every == 0 or self.step == tc.steps:
+                if self.step % tc.log_every == 0 or self.step == until:
                     now = time.perf_counter()
                     row = {"step": self.step, "loss": round(loss_sum, 5), "lr": lr, "grad_norm": round(norm.item(), 4),
                            "tokens": self.step * tc.tokens_per_step,
@@ -248,12 +250,12 @@ class Trainer:
                     tokens_since, t_since = 0, now
                     if bar is not None:
                         bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
-                if self.step % tc.eval_every == 0 or self.step == tc.steps:
+                if self.step % tc.eval_every == 0 or self.step == until:
                     val = self.validate()
                     self.metrics.append({"step": self.step, "val_loss": round(val, 5)})
                     (bar.write if bar is not None else self.log)(f"step {self.step}: validation loss {val:.4f} nats/token")
                     t_since = time.perf_counter()  # evaluation time is not training throughput
-                if self.step % tc.save_every == 0 or self.step == tc.steps:
+                if self.step % tc.save_every == 0 or self.step == until:
                     self.save()
                 if bar is not None:
                     bar.update(1)

@@ -1,0 +1,102 @@
+"""The command line: the happy path on a tiny fixture, and one-line errors with exit code 2 for bad input."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from kitelm.cli import main
+
+TINY = ["--model", "transformer-tiny", "--steps", "6", "--batch-size", "4", "--seq-len", "32", "--eval-every", "3",
+        "--save-every", "3", "--eval-tokens", "256", "--final-eval-tokens", "512"]
+
+
+@pytest.fixture(scope="module")
+def trained(corpus_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    assert main(["train", "--data", str(corpus_dir), "--out", str(out), *TINY]) == 0
+    return out
+
+
+def test_train_reports_bits_per_byte_beside_compressors(corpus_dir, tmp_path, capsys):
+    assert main(["train", "--data", str(corpus_dir), "--out", str(tmp_path), *TINY]) == 0
+    out = capsys.readouterr().out
+    assert "bits/byte | gzip -9" in out and "xz -9" in out and "sample" in out
+    assert (tmp_path / "metrics.jsonl").exists() and (tmp_path / "loss.png").exists()
+
+
+def test_generate_streams_text(trained, capsys):
+    assert main(["generate", "--checkpoint", str(trained), "--prompt", "def f(", "--max-new-tokens", "20",
+                 "--seed", "1"]) == 0
+    assert capsys.readouterr().out.startswith("def f(")
+
+
+def test_generate_batched_prompts(trained, capsys):
+    assert main(["generate", "--checkpoint", str(trained), "--prompt", "def a", "import os", "x",
+                 "--max-new-tokens", "8", "--greedy"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("--- [") == 3
+
+
+def test_resume_auto_picks_up_the_newest_checkpoint(corpus_dir, tmp_path, capsys):
+    args = ["train", "--data", str(corpus_dir), "--out", str(tmp_path), *TINY, "--no-sample"]
+    assert main(args) == 0
+    assert main(args + ["--resume", "auto"]) == 0
+    assert "resumed from" in capsys.readouterr().out
+
+
+def test_presets_lists_parameter_counts(capsys):
+    assert main(["presets"]) == 0
+    out = capsys.readouterr().out
+    assert "transformer-small" in out and "non-embedding" in out
+
+
+def test_python_dash_m_works():
+    result = subprocess.run([sys.executable, "-m", "kitelm", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "train" in result.stdout
+
+
+def _error(capsys, argv):
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("kitelm: error:") and "Traceback" not in err
+    return lines[0]
+
+
+def test_bad_input_gives_one_line_and_exit_2(corpus_dir, trained, tmp_path, capsys):
+    assert "no such file" in _error(capsys, ["train", "--data", str(tmp_path / "missing"), "--out", str(tmp_path)])
+    (tmp_path / "empty.txt").write_text("")
+    assert "no non-empty UTF-8 text" in _error(capsys, ["train", "--data", str(tmp_path / "empty.txt"),
+                                                        "--out", str(tmp_path)])
+    assert "unknown preset" in _error(capsys, ["train", "--model", "gpt-17", "--out", str(tmp_path)])
+    assert "n_heads=5 does not divide" in _error(capsys, ["train", "--set", "n_heads=5", "--out", str(tmp_path)])
+    assert "must be a positive integer" in _error(capsys, ["train", "--steps", "0", "--out", str(tmp_path)])
+    assert "does not exist" in _error(capsys, ["generate", "--checkpoint", str(tmp_path / "nope"), "--prompt", "x"])
+    assert "cannot be encoded" in _error(capsys, ["generate", "--checkpoint", str(trained), "--prompt", "a\udcff"])
+
+
+def test_unwritable_output_folder(corpus_dir, tmp_path, capsys):
+    if os.geteuid() == 0:  # root ignores permissions: use a path under a regular file instead
+        (tmp_path / "file").write_text("")
+        out = tmp_path / "file" / "run"
+    else:
+        (tmp_path / "ro").mkdir(mode=0o500)
+        out = tmp_path / "ro" / "run"
+    assert "not writable" in _error(capsys, ["train", "--data", str(corpus_dir), "--out", str(out)])
+
+
+def test_corrupt_checkpoint_is_reported_and_not_modified(trained, capsys):
+    from kitelm.train.checkpoint import list_checkpoints
+
+    ckpt = list_checkpoints(trained)[-1]
+    model = ckpt / "model.safetensors"
+    original = model.read_bytes()
+    model.write_bytes(original[: len(original) // 2])
+    try:
+        assert "truncated or corrupt" in _error(capsys, ["generate", "--checkpoint", str(ckpt), "--prompt", "x"])
+        assert len(model.read_bytes()) == len(original) // 2  # reported, never "repaired" or deleted
+    finally:
+        model.write_bytes(original)

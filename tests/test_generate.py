@@ -1,0 +1,61 @@
+"""The sampling engine: greedy, temperature, top-k, top-p, seeds, stopping, batching."""
+
+import torch
+
+from kitelm.config import ModelConfig
+from kitelm.generate import Sampling, generate_tokens, sample_next
+from kitelm.models import build_model
+
+
+def test_top_k_only_samples_from_the_k_best():
+    logits = torch.tensor([[0.0, 5.0, 4.0, 1.0, 3.0]]).repeat(500, 1)
+    picks = sample_next(logits, Sampling(temperature=2.0, top_k=2), torch.Generator().manual_seed(0))
+    assert set(picks.tolist()) == {1, 2}
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    logits = probs.log().repeat(500, 1)
+    picks = sample_next(logits, Sampling(temperature=1.0, top_p=0.7), torch.Generator().manual_seed(0))
+    assert set(picks.tolist()) == {0, 1}
+    assert set(sample_next(logits, Sampling(top_p=0.5), torch.Generator().manual_seed(0)).tolist()) == {0}
+
+
+def test_greedy_is_argmax():
+    logits = torch.randn(4, 11)
+    assert torch.equal(sample_next(logits, Sampling(temperature=0)), logits.argmax(-1))
+
+
+def _model():
+    torch.manual_seed(0)
+    return build_model(ModelConfig(vocab_size=50, width=32, n_layers=2, n_heads=2))
+
+
+def test_generation_is_reproducible_with_a_seed_and_equals_manual_greedy():
+    model = _model()
+    prompts = [[1, 2, 3], [4]]
+    a = torch.stack(list(generate_tokens(model, prompts, 6, Sampling(0.9, top_k=10), seed=5)))
+    b = torch.stack(list(generate_tokens(model, prompts, 6, Sampling(0.9, top_k=10), seed=5)))
+    assert torch.equal(a, b)
+    greedy = torch.stack(list(generate_tokens(model, [[1, 2, 3]], 5, Sampling(0))))[:, 0].tolist()
+    seq = [1, 2, 3]
+    with torch.no_grad():
+        for _ in range(5):
+            seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
+    assert greedy == seq[3:]
+
+
+def test_batched_rows_equal_rows_alone():
+    model = _model()
+    prompts = [[5, 6, 7, 8, 9], [10, 11]]
+    both = torch.stack(list(generate_tokens(model, prompts, 7, Sampling(0))))
+    for i, p in enumerate(prompts):
+        alone = torch.stack(list(generate_tokens(model, [p], 7, Sampling(0))))[:, 0]
+        assert torch.equal(both[:, i], alone)
+
+
+def test_stops_when_every_row_hit_the_stop_token():
+    model = _model()
+    model.logits = lambda x: 100 * torch.nn.functional.one_hot(torch.full(x.shape[:-1], 3), 50).float()
+    steps = list(generate_tokens(model, [[1], [2, 4]], 50, Sampling(1.0), seed=0, stop_id=3))
+    assert [s.tolist() for s in steps] == [[3, 3]]
