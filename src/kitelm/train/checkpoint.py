@@ -50,9 +50,10 @@ def checkpoint_dir(run_dir: str | Path, step: int) -> Path:
     return Path(run_dir) / "checkpoints" / f"{PREFIX}{step:08d}"
 
 
-def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, config, tokenizer,
+def save_checkpoint(run_dir: str | Path, step: int, model_state: dict[str, torch.Tensor], config, tokenizer,
                     train_state: dict | None = None, meta: dict | None = None, keep_last: int | None = None) -> Path:
-    """Write checkpoint `step` atomically and keep only the newest `keep_last` complete checkpoints."""
+    """Write checkpoint `step` (a full model state dict, its config and tokenizer, optionally the training state)
+    atomically, and keep only the newest `keep_last` complete checkpoints."""
     final = checkpoint_dir(run_dir, step)
     parent = final.parent
     try:
@@ -61,7 +62,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, conf
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
-        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        state = {k: v.detach().contiguous().cpu() for k, v in model_state.items()}
         save_file(state, tmp / MODEL_FILE, metadata={"format": "pt", "kitelm_arch": config.arch})
         config.save(tmp / CONFIG_FILE)
         tokenizer.save(tmp)
@@ -145,7 +146,13 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def load_weights(model: torch.nn.Module, path: str | Path) -> None:
-    """Load `model.safetensors` strictly: missing, unexpected or mis-shaped tensors raise CheckpointError."""
+    """Load `model.safetensors` into `model` strictly (see `read_weights`)."""
+    model.load_state_dict(read_weights(path, model.state_dict()))
+
+
+def read_weights(path: str | Path, expected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Read `model.safetensors`; missing, unexpected or mis-shaped tensors (against `expected`) raise
+    CheckpointError naming them."""
     file = Path(path) / MODEL_FILE
     try:
         state = load_file(file)
@@ -153,7 +160,6 @@ def load_weights(model: torch.nn.Module, path: str | Path) -> None:
         raise CheckpointError(f"{file} does not exist") from None
     except (SafetensorError, OSError) as err:
         raise CheckpointError(f"{file} is corrupt or truncated ({err})") from None
-    expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     shapes = sorted(f"{k}: {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
@@ -162,7 +168,7 @@ def load_weights(model: torch.nn.Module, path: str | Path) -> None:
         parts = [f"missing {missing[:5]}" if missing else "", f"unexpected {unexpected[:5]}" if unexpected else "",
                  f"mis-shaped {shapes[:5]}" if shapes else ""]
         raise CheckpointError(f"{file} does not fit the model in config.json: " + "; ".join(p for p in parts if p))
-    model.load_state_dict(state)
+    return state
 
 
 def load_train_state(path: str | Path) -> dict:

@@ -7,7 +7,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -21,7 +23,8 @@ from ..data.corpus import load_corpus
 from ..data.dataset import WindowSampler, build_tokenizer, prepare_tokens, validation_windows
 from ..errors import CheckpointError, ConfigError, KitelmError
 from ..models import build_model
-from .checkpoint import latest_checkpoint, load_train_state, load_weights, resolve_checkpoint, save_checkpoint
+from . import distributed
+from .checkpoint import checkpoint_dir, latest_checkpoint, load_train_state, read_weights, resolve_checkpoint, save_checkpoint
 from .schedule import lr_at
 
 SCHEDULES = ("cosine", "linear", "constant")
@@ -88,8 +91,9 @@ def evaluate(model, windows: torch.Tensor, batch_size: int = 16) -> tuple[float,
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
+    device = next(model.parameters()).device
     for i in range(0, len(windows), batch_size):
-        batch = windows[i: i + batch_size]
+        batch = windows[i: i + batch_size].to(device)
         logits = model(batch[:, :-1])
         total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
                                  reduction="sum").item()
@@ -130,14 +134,19 @@ class Trainer:
     """Trains `model_config` under `train_config`. `log(msg)` receives progress lines; `progress=True` shows a bar."""
 
     def __init__(self, model_config: ModelConfig, train_config: TrainConfig, resume: str | None = None,
-                 log: Callable[[str], None] | None = None, progress: bool = False):
+                 log: Callable[[str], None] | None = None, progress: bool = False, distributed_mode: str | None = None):
         self.tc = train_config
-        self.log = log or (lambda msg: None)
-        self.progress = progress
+        self.dist = distributed.setup(distributed_mode)
+        if train_config.batch_size % self.dist.world:
+            raise ConfigError(f"--batch-size {train_config.batch_size} is the global batch and must be divisible by "
+                              f"the {self.dist.world} processes; pick a multiple of {self.dist.world}")
+        main = self.dist.is_main
+        self.log = (log if main else None) or (lambda msg: None)
+        self.progress = progress and main
         self.out = Path(train_config.out_dir)
         try:
             self.out.mkdir(parents=True, exist_ok=True)
-            probe = self.out / ".write-test"
+            probe = self.out / f".write-test-{os.getpid()}"
             probe.write_text("")
             probe.unlink()
         except OSError as err:
@@ -153,12 +162,13 @@ class Trainer:
         if model_config.vocab_size != self.tokenizer.vocab_size:
             model_config = model_config.replace(vocab_size=self.tokenizer.vocab_size)
         self.model_config = model_config
-        self.model = build_model(model_config)
+        self.model = build_model(model_config, device=self.dist.device)  # same seed → same init on every rank
+        self.wrapped = distributed.wrap(self.model, self.dist)
         self.optimizer = torch.optim.AdamW(self.model.weight_decay_groups(train_config.weight_decay),
                                            lr=train_config.lr, betas=(train_config.beta1, train_config.beta2),
                                            foreach=True)
-        self.sampler = WindowSampler(self.data.train, train_config.seq_len, train_config.batch_size,
-                                     train_config.grad_accum, seed=train_config.seed)
+        self.sampler = WindowSampler(self.data.train, train_config.seq_len, train_config.batch_size // self.dist.world,
+                                     train_config.grad_accum, world=self.dist.world, seed=train_config.seed)
         self.val_windows = validation_windows(self.data.validation, train_config.seq_len, train_config.eval_tokens)
         self.step = 0
         self.metrics: list[dict] = []
@@ -181,9 +191,9 @@ class Trainer:
                     if getattr(self.model_config, k) != v}
             raise CheckpointError(f"checkpoint {path} is from a different model ({diff} as saved vs requested); "
                                   "resume with the same --model/--set options or use a new --out")
-        load_weights(self.model, path)
         state = load_train_state(path)
-        self.optimizer.load_state_dict(state["optimizer"])
+        weights = read_weights(path, self.model.state_dict())
+        distributed.load_full_state(self.model, self.optimizer, weights, state["optimizer"])
         torch.set_rng_state(state["rng"])
         self.step = int(state["step"])
         if self.metrics_path.exists():
@@ -199,21 +209,28 @@ class Trainer:
                 "params": self.model.num_params(), "non_embedding_params": self.model.num_params(True)}
 
     def save(self) -> Path:
-        state = {"step": self.step, "optimizer": self.optimizer.state_dict(), "rng": torch.get_rng_state()}
-        path = save_checkpoint(self.out, self.step, self.model, self.model_config, self.tokenizer, state,
-                               self.run_metadata(), keep_last=self.tc.keep_last)
-        _write_metrics(self.metrics_path, self.metrics)
+        """Every rank gathers the full state (a collective under FSDP); rank 0 writes it."""
+        model_state, optim_state = distributed.full_state(self.model, self.optimizer)
+        path = checkpoint_dir(self.out, self.step)
+        if self.dist.is_main:
+            state = {"step": self.step, "optimizer": optim_state, "rng": torch.get_rng_state()}
+            path = save_checkpoint(self.out, self.step, model_state, self.model_config, self.tokenizer, state,
+                                   self.run_metadata(), keep_last=self.tc.keep_last)
+            _write_metrics(self.metrics_path, self.metrics)
+        distributed.barrier(self.dist)
         return path
 
     def validate(self) -> float:
-        total, count = evaluate(self.model, self.val_windows, self.tc.batch_size)
+        """Validation loss; every rank evaluates the same windows (so FSDP's collectives stay in step)."""
+        total, count = evaluate(self.wrapped, self.val_windows, self.tc.batch_size)
         return total / count
 
     def train(self, until: int | None = None) -> dict:
         """Train to step `until` (default: the configured `steps`; the schedule always spans `steps`)."""
         tc = self.tc
         until = tc.steps if until is None else min(until, tc.steps)
-        (self.out / "run.json").write_text(json.dumps(self.run_metadata(), indent=2) + "\n")
+        if self.dist.is_main:
+            (self.out / "run.json").write_text(json.dumps(self.run_metadata(), indent=2) + "\n")
         self.model.train()
         bar = None
         if self.progress:
@@ -228,9 +245,13 @@ class Trainer:
                     group["lr"] = lr
                 loss_sum = 0.0
                 for micro in range(tc.grad_accum):
-                    loss = lm_loss(self.model, self.sampler.batch(self.step, micro)) / tc.grad_accum
-                    loss.backward()
+                    batch = self.sampler.batch(self.step, micro, self.dist.rank).to(self.dist.device)
+                    last = micro == tc.grad_accum - 1
+                    with distributed.no_grad_sync(self.wrapped, self.dist) if not last else nullcontext():
+                        loss = lm_loss(self.wrapped, batch) / tc.grad_accum
+                        loss.backward()
                     loss_sum += loss.item()
+                loss_sum = distributed.mean_across_ranks(loss_sum, self.dist)
                 if not math.isfinite(loss_sum):
                     raise TrainingDiverged(
                         f"loss became {loss_sum} at step {self.step}; training stopped before the update, the last "
@@ -242,7 +263,8 @@ class Trainer:
                 tokens_since += tc.tokens_per_step
                 if self.step % tc.log_every == 0 or self.step == until:
                     now = time.perf_counter()
-                    row = {"step": self.step, "loss": round(loss_sum, 5), "lr": lr, "grad_norm": round(norm.item(), 4),
+                    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # a DTensor under FSDP
+                    row = {"step": self.step, "loss": loss_sum, "lr": lr, "grad_norm": round(norm.item(), 4),
                            "tokens": self.step * tc.tokens_per_step,
                            "tokens_per_s": round(tokens_since / (now - t_since), 1),
                            "elapsed_s": round(now - t_start, 2)}
@@ -252,7 +274,7 @@ class Trainer:
                         bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
                 if self.step % tc.eval_every == 0 or self.step == until:
                     val = self.validate()
-                    self.metrics.append({"step": self.step, "val_loss": round(val, 5)})
+                    self.metrics.append({"step": self.step, "val_loss": val})
                     (bar.write if bar is not None else self.log)(f"step {self.step}: validation loss {val:.4f} nats/token")
                     t_since = time.perf_counter()  # evaluation time is not training throughput
                 if self.step % tc.save_every == 0 or self.step == until:
@@ -262,7 +284,7 @@ class Trainer:
         finally:
             if bar is not None:
                 bar.close()
-            if self.metrics:
+            if self.metrics and self.dist.is_main:
                 _write_metrics(self.metrics_path, self.metrics)
                 plot_losses(self.metrics, self.out / "loss.png", f"{self.model_config.name} on {self.corpus.name}")
         last = [r for r in self.metrics if "val_loss" in r]

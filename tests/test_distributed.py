@@ -1,0 +1,88 @@
+"""Data-parallel training over 2 processes on CPU/gloo equals the single-process run with the same global batch,
+for DDP and FSDP2, and a distributed run resumes on a different number of processes."""
+
+import json
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from kitelm.config import PRESETS, get_preset
+from kitelm.errors import ConfigError
+from kitelm.train.trainer import TrainConfig, Trainer
+
+STEPS = 6
+
+
+def _config(corpus_dir, out, **kw):
+    return TrainConfig(out_dir=str(out), data=str(corpus_dir), steps=STEPS, batch_size=4, grad_accum=2, seq_len=32,
+                       lr=3e-3, warmup_steps=2, eval_every=100, eval_tokens=256, save_every=100, log_every=1, **kw)
+
+
+def _losses(out):
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if "loss" in r]
+
+
+def _worker(rank, world, port, corpus_dir, root, models):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    from kitelm.train import distributed
+
+    for name in models:
+        for mode in ("ddp", "fsdp"):
+            Trainer(get_preset(name), _config(corpus_dir, root / f"{name}-{mode}"), distributed_mode=mode).train()
+        # stopped after 3 steps: resumed below by a single process
+        Trainer(get_preset(name), _config(corpus_dir, root / f"{name}-stopped"),
+                distributed_mode="fsdp").train(until=3)
+    distributed.cleanup(distributed.DistContext("ddp", rank, world))
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def runs(corpus_dir, tmp_path_factory):
+    get_preset("transformer-tiny")  # loads the preset registry
+    models = [m for m in ("transformer-tiny", "griffin-tiny") if m in PRESETS]
+    root = tmp_path_factory.mktemp("dist")
+    mp.spawn(_worker, args=(2, _free_port(), corpus_dir, root, models), nprocs=2, join=True)
+    return root, models
+
+
+def test_ddp_and_fsdp_match_single_process(runs, corpus_dir, tmp_path):
+    root, models = runs
+    for name in models:
+        single = Trainer(get_preset(name), _config(corpus_dir, tmp_path / name))
+        single.train()
+        reference = _losses(tmp_path / name)
+        assert len(reference) == STEPS
+        for mode in ("ddp", "fsdp"):
+            got = _losses(root / f"{name}-{mode}")
+            assert max(abs(a - b) for a, b in zip(got, reference)) <= 1e-5, (name, mode, got, reference)
+
+
+def test_distributed_run_resumes_on_one_process(runs, corpus_dir, tmp_path):
+    root, models = runs
+    for name in models:
+        resumed = Trainer(get_preset(name), _config(corpus_dir, root / f"{name}-stopped"), resume="auto")
+        assert resumed.step == 3
+        resumed.train()
+        single = Trainer(get_preset(name), _config(corpus_dir, tmp_path / name))
+        single.train()
+        got, reference = _losses(root / f"{name}-stopped"), _losses(tmp_path / name)
+        assert max(abs(a - b) for a, b in zip(got, reference)) <= 1e-5
+        for a, b in zip(resumed.model.parameters(), single.model.parameters()):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+def test_fsdp_without_process_group_is_a_clear_error(corpus_dir, tmp_path, monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+    with pytest.raises(ConfigError, match="needs a process group; launch with `torchrun"):
+        Trainer(get_preset("transformer-tiny"), _config(corpus_dir, tmp_path), distributed_mode="fsdp")
