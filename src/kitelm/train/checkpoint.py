@@ -103,6 +103,15 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
 
 
+def remove_partial_checkpoints(run_dir: str | Path) -> None:
+    """Delete temporary folders that a killed writer left behind (never a renamed, complete checkpoint)."""
+    folder = Path(run_dir) / "checkpoints"
+    if folder.is_dir():
+        for p in folder.iterdir():
+            if p.name.startswith((".tmp-", ".old-")):
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink()
+
+
 def verify_checkpoint(path: str | Path) -> None:
     """Raise CheckpointError unless every file listed in the manifest exists with its size and sha256."""
     path = Path(path)

@@ -24,7 +24,7 @@ from ..data.dataset import WindowSampler, build_tokenizer, prepare_tokens, valid
 from ..errors import CheckpointError, ConfigError, KitelmError
 from ..models import build_model
 from . import distributed
-from .checkpoint import checkpoint_dir, latest_checkpoint, load_train_state, read_weights, resolve_checkpoint, save_checkpoint
+from .checkpoint import checkpoint_dir, latest_checkpoint, remove_partial_checkpoints, load_train_state, read_weights, resolve_checkpoint, save_checkpoint
 from .schedule import lr_at
 
 SCHEDULES = ("cosine", "linear", "constant")
@@ -181,6 +181,8 @@ class Trainer:
         if resume is None:
             return None
         if resume == "auto":
+            if self.dist.is_main:
+                remove_partial_checkpoints(self.out)
             return latest_checkpoint(self.out)  # None: start fresh
         return resolve_checkpoint(resume)
 
@@ -212,11 +214,11 @@ class Trainer:
         """Every rank gathers the full state (a collective under FSDP); rank 0 writes it."""
         model_state, optim_state = distributed.full_state(self.model, self.optimizer)
         path = checkpoint_dir(self.out, self.step)
-        if self.dist.is_main:
+        if self.dist.is_main:  # metrics first: a resume truncates them back to the checkpoint it starts from
+            _write_metrics(self.metrics_path, self.metrics)
             state = {"step": self.step, "optimizer": optim_state, "rng": torch.get_rng_state()}
             path = save_checkpoint(self.out, self.step, model_state, self.model_config, self.tokenizer, state,
                                    self.run_metadata(), keep_last=self.tc.keep_last)
-            _write_metrics(self.metrics_path, self.metrics)
         distributed.barrier(self.dist)
         return path
 
