@@ -86,3 +86,11 @@ def test_fsdp_without_process_group_is_a_clear_error(corpus_dir, tmp_path, monke
     monkeypatch.delenv("RANK", raising=False)
     with pytest.raises(ConfigError, match="needs a process group; launch with `torchrun"):
         Trainer(get_preset("transformer-tiny"), _config(corpus_dir, tmp_path), distributed_mode="fsdp")
+
+
+def test_world_size_must_divide_the_global_batch(corpus_dir, tmp_path, monkeypatch):
+    from kitelm.train import distributed
+
+    monkeypatch.setattr(distributed, "setup", lambda mode: distributed.DistContext(mode, 0, 3))
+    with pytest.raises(ConfigError, match="--batch-size 4 is the global batch and must be divisible by the 3"):
+        Trainer(get_preset("transformer-tiny"), _config(corpus_dir, tmp_path), distributed_mode="ddp")
