@@ -1,0 +1,88 @@
+"""What a benchmark needs to know about the machine: allocator settings, timing, GEMM peak, DRAM bandwidth,
+and a description (CPU, threads, torch, commit) recorded with every result."""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+# glibc hands every freed block above 32 MiB back to the OS, so each new big tensor costs page faults and
+# memory-bound CPU code runs 2-4x slower (shared/docs/perf.md, "allocator trap"). Keep them in the process.
+ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "68719476736",
+                 "MALLOC_TOP_PAD_": "1073741824"}
+
+
+def allocator_configured() -> bool:
+    return all(os.environ.get(k) == v for k, v in ALLOCATOR_ENV.items())
+
+
+def reexec_with_allocator_env() -> None:
+    """Restart the current command with ALLOCATOR_ENV (glibc reads it only at start-up); no-op if already set."""
+    if not allocator_configured():
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **ALLOCATOR_ENV})
+
+
+def median_seconds(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def gemm_peak_flops(n: int = 1024, dtype: torch.dtype = torch.float32, repeats: int = 5) -> float:
+    """Measured matmul FLOP/s of an n×n×n product: the denominator of MFU."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    out = torch.empty(n, n, dtype=dtype)
+    return 2 * n**3 / median_seconds(lambda: torch.mm(a, b, out=out), repeats)
+
+
+def dram_bandwidth(nbytes: int = 256 * 2**20, repeats: int = 5) -> float:
+    """Bytes/s of an out-of-place add of two `nbytes` fp32 tensors (2 reads + 1 write), far beyond any cache."""
+    n = nbytes // 4
+    a, b, out = torch.rand(n), torch.rand(n), torch.empty(n)
+    return 3 * nbytes / median_seconds(lambda: torch.add(a, b, out=out), repeats)
+
+
+def git_commit() -> str | None:
+    try:
+        root = Path(__file__).resolve().parents[3]
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, timeout=5)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def describe() -> dict:
+    return {"cpu": cpu_name(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+            "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
+            "allocator_env": allocator_configured(), "commit": git_commit(), "command": " ".join(sys.argv)}
+
+
+def peak_rss_bytes() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -1,0 +1,68 @@
+"""Inference memory vs context length: the bytes of the inference state (KV cache, or Griffin's conv + RG-LRU state
++ ring buffer) after `L` tokens, and the peak RSS of a process that prefills `L` tokens (one subprocess per point,
+since peak RSS only grows within a process)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import torch
+
+from ..config import get_preset
+from ..models import build_model
+
+_PREFILL_CHUNK = 4096
+
+
+@torch.no_grad()
+def state_bytes_after(model, length: int) -> int:
+    """Feed `length` random tokens in chunks through a cache sized for them; return the cache's bytes."""
+    cache = model.new_cache(1, max_len=length)
+    done = 0
+    while done < length:
+        n = min(_PREFILL_CHUNK, length - done)
+        model(torch.randint(0, model.config.vocab_size, (1, n)), cache=cache)
+        done += n
+    return cache.nbytes()
+
+
+def kv_cache_bytes(model, length: int) -> int:
+    """Bytes of a cache holding `length` tokens, from its allocation alone (prefilling 64k tokens of global attention
+    costs O(L²) time and changes nothing about the size)."""
+    return model.new_cache(1, max_len=length).nbytes()
+
+
+def _peak_rss_child(name: str, length: int) -> int:
+    code = ("import json, torch; from kitelm.bench.memory import _prefill_peak; "
+            f"print(json.dumps(_prefill_peak({name!r}, {length})))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@torch.no_grad()
+def _prefill_peak(name: str, length: int) -> int:
+    from .machine import peak_rss_bytes
+
+    model = build_model(get_preset(name)).eval()
+    cache = model.new_cache(1, max_len=length)
+    model(torch.randint(0, model.config.vocab_size, (1, length)), cache=cache)
+    return peak_rss_bytes()
+
+
+def run(models: list[str], lengths: list[int], rss_max_len: int, log) -> list[dict]:
+    rows = []
+    for name in models:
+        model = build_model(get_preset(name)).eval()
+        bounded = model.config.arch == "griffin"
+        for length in lengths:
+            nbytes = state_bytes_after(model, length) if bounded else kv_cache_bytes(model, length)
+            row = {"model": name, "context": length, "state_bytes": nbytes}
+            if length <= rss_max_len:
+                row["prefill_peak_rss_bytes"] = _peak_rss_child(name, length)
+            rows.append(row)
+            log(f"memory {name:<18} {length:>6} tokens: state {nbytes / 2**20:8.2f} MiB"
+                + (f", prefill peak RSS {row['prefill_peak_rss_bytes'] / 2**20:7.0f} MiB" if "prefill_peak_rss_bytes"
+                   in row else ""))
+    return rows

@@ -1,0 +1,76 @@
+"""Sampling throughput vs generation length (RecurrentGemma report, Figure 1a): after a prompt of `prompt_len`
+tokens, greedy-decode up to max(lengths) tokens at batch 1 and record when each token arrives. For every length N
+it reports N / (time to the N-th token) and the decode rate around context N (over the last 10 % of those tokens)."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ..config import get_preset
+from ..generate import Sampling, generate_tokens
+from ..models import build_model
+from .peers import peer_for
+
+
+class _TimingStreamer:
+    """HF `generate` streamer that records the arrival time of every generated token (the first put is the prompt)."""
+
+    def __init__(self):
+        self.times: list[float] = []
+        self._prompt_seen = False
+
+    def put(self, value):
+        if self._prompt_seen:
+            self.times.append(time.perf_counter())
+        self._prompt_seen = True
+
+    def end(self):
+        pass
+
+
+def _arrivals_ours(model, prompt: list[int], n: int) -> tuple[float, list[float]]:
+    start = time.perf_counter()
+    times = [time.perf_counter() for _ in generate_tokens(model, [prompt], n, Sampling(temperature=0))]
+    return start, times
+
+
+@torch.no_grad()
+def _arrivals_hf(model, prompt: list[int], n: int) -> tuple[float, list[float]]:
+    streamer = _TimingStreamer()
+    start = time.perf_counter()
+    model.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False, streamer=streamer,
+                   pad_token_id=0)
+    return start, streamer.times
+
+
+def _summarise(start: float, times: list[float], lengths: list[int]) -> list[dict]:
+    out = []
+    for n in lengths:
+        if n > len(times):
+            break
+        lo = max(0, int(n * 0.9) - 1)
+        rate = (n - 1 - lo) / (times[n - 1] - times[lo]) if n - 1 > lo else float("nan")
+        out.append({"generated": n, "throughput_tok_s": n / (times[n - 1] - start), "decode_rate_tok_s": rate})
+    return out
+
+
+def run(models: list[str], prompt_len: int, lengths: list[int], peer_max_len: int, log) -> list[dict]:
+    rows = []
+    torch.manual_seed(0)
+    for name in models:
+        config = get_preset(name)
+        prompt = torch.randint(0, config.vocab_size, (prompt_len,)).tolist()
+        ours = build_model(config).eval()
+        candidates = [("kitelm", ours, _arrivals_ours, max(lengths))]
+        peer = peer_for(config)
+        if peer is not None:  # HF's growing caches make very long runs take hours: capped at peer_max_len
+            candidates.append((peer[0], peer[1], _arrivals_hf, min(max(lengths), peer_max_len)))
+        for impl, model, arrivals, n in candidates:
+            start, times = arrivals(model, prompt, n)
+            for point in _summarise(start, times, lengths):
+                rows.append({"model": name, "impl": impl, "prompt": prompt_len, **point})
+                log(f"sample {name:<18} {impl:<28} {point['generated']:>6} tokens: "
+                    f"{point['throughput_tok_s']:7.1f} tok/s (decode {point['decode_rate_tok_s']:7.1f} tok/s)")
+    return rows
