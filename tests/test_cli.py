@@ -100,3 +100,13 @@ def test_corrupt_checkpoint_is_reported_and_not_modified(trained, capsys):
         assert len(model.read_bytes()) == len(original) // 2  # reported, never "repaired" or deleted
     finally:
         model.write_bytes(original)
+
+
+def test_eval_reports_loss_by_position(trained, tmp_path, capsys):
+    assert main(["eval", "--checkpoint", str(trained), "--windows", "2", "--max-tokens", "256",
+                 "--extrapolate", "2", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "bits/byte | gzip -9" in out and "0-1×" in out and "1-2×" in out
+    result = __import__("json").loads((tmp_path / "eval.json").read_text())
+    assert len(result["loss_by_position"]) == 2 * result["train_len"] == 64
+    assert (tmp_path / "loss_by_position.png").exists()

@@ -8,6 +8,7 @@ from typing import Iterator
 import torch
 
 from .config import ModelConfig
+from .convert import detect, load_foreign
 from .data.tokenizer import load_tokenizer
 from .generate import Sampling, generate_tokens
 from .models import build_model
@@ -72,7 +73,11 @@ class LM:
 
 
 def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> LM:
-    """Load a checkpoint folder or a run folder (its newest valid checkpoint). Files are verified first."""
+    """Load a checkpoint folder or a run folder (its newest valid checkpoint), verified first; or a RecurrentGemma
+    checkpoint: an HF folder or an official state-dict file, with `tokenizer.model` beside it."""
+    if detect(path) is not None:
+        model, tokenizer = load_foreign(path, device=device, dtype=dtype)
+        return LM(model, tokenizer, Path(path))
     folder = resolve_checkpoint(path)
     if (folder / "manifest.json").exists():
         verify_checkpoint(folder)

@@ -22,6 +22,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="a config.json to use instead of a preset")
     p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="override model config fields")
     p.add_argument("--data", help="text file, folder or glob (default: the Python standard library)")
+    p.add_argument("--task", help="train on a synthetic task instead of text: selective-copy, induction, phonebook")
     p.add_argument("--tokenizer", default=d.tokenizer, help="byte (default) or bpe:N, e.g. bpe:8192")
     p.add_argument("--out", default=d.out_dir, help=f"run folder (default {d.out_dir})")
     p.add_argument("--resume", help="'auto' (newest valid checkpoint in --out, if any) or a checkpoint folder")
@@ -33,6 +34,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--final-eval-tokens", type=int, default=131_072,
                    help="validation tokens for the final bits-per-byte report (default 131072)")
     p.add_argument("--no-sample", action="store_true", help="skip the generated sample at the end")
+    p.add_argument("--distributed", choices=("ddp", "fsdp"),
+                   help="data-parallel over the torchrun process group (see README: Scaling out)")
 
 
 def _model_config(args):
@@ -43,30 +46,45 @@ def _model_config(args):
 
 
 def cmd_train(args) -> int:
-    from .api import LM
-    from .evaluation import evaluate_bits_per_byte
+    from .train import distributed
     from .train.trainer import TrainConfig, Trainer
 
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    tc = TrainConfig(out_dir=args.out, data=args.data, **{k: v for k, v in vars(args).items()
-                                                          if k in fields and k not in ("out_dir", "data")})
-    trainer = Trainer(_model_config(args), tc, resume=args.resume, log=print, progress=True)
-    m = trainer.model
-    print(f"model {trainer.model_config.name}: {m.num_params() / 1e6:.2f}M parameters "
-          f"({m.num_params(True) / 1e6:.2f}M non-embedding); corpus {trainer.corpus.name}: "
-          f"{len(trainer.data.train):,} train / {len(trainer.data.validation):,} validation tokens "
-          f"({trainer.tokenizer.name}); {tc.steps} steps × {tc.tokens_per_step:,} tokens")
+    tc = TrainConfig(out_dir=args.out, **{k: v for k, v in vars(args).items() if k in fields and k != "out_dir"})
+    trainer = Trainer(_model_config(args), tc, resume=args.resume, log=print, progress=True,
+                      distributed_mode=args.distributed)
+    try:
+        return _train_and_report(trainer, args)
+    finally:
+        distributed.cleanup(trainer.dist)
+
+
+def _train_and_report(trainer, args) -> int:
+    from .api import LM
+    from .evaluation import evaluate_bits_per_byte
+
+    tc, m, say = trainer.tc, trainer.model, trainer.log  # `say` prints on rank 0 only
+    say(f"model {trainer.model_config.name}: {m.num_params() / 1e6:.2f}M parameters "
+        f"({m.num_params(True) / 1e6:.2f}M non-embedding); data {trainer.data_name} ({trainer.tokenizer.name}); "
+        f"{tc.steps} steps × {tc.batch_size * tc.grad_accum} sequences")
     result = trainer.train()
-    report = evaluate_bits_per_byte(m, trainer.data.validation, trainer.tokenizer, tc.seq_len, args.final_eval_tokens,
-                                    tc.batch_size)
-    print(f"\nvalidation ({report['bytes']:,} bytes): loss {report['loss']:.4f} nats/token, "
-          f"{report['bits_per_byte']:.3f} bits/byte | gzip -9 {report['gzip -9']:.3f} | xz -9 {report['xz -9']:.3f}")
-    print(f"checkpoint: {result['checkpoint']}  ({result['elapsed_s']:.0f} s training)")
-    if not args.no_sample:
+    if tc.task is not None:
+        from .data.tasks import task_accuracy
+
+        accuracy = task_accuracy(trainer.wrapped, trainer.val_windows, trainer.val_mask)
+        say(f"\n{tc.task}: validation loss {result['val_loss']:.4f} nats/answer token, exact-match accuracy "
+            f"{100 * accuracy:.1f}% ({len(trainer.val_windows)} samples)\ncheckpoint: {result['checkpoint']}")
+        return 0
+    report = evaluate_bits_per_byte(trainer.wrapped, trainer.data.validation, trainer.tokenizer, tc.seq_len,
+                                    args.final_eval_tokens, tc.batch_size)
+    say(f"\nvalidation ({report['bytes']:,} bytes): loss {report['loss']:.4f} nats/token, "
+        f"{report['bits_per_byte']:.3f} bits/byte | gzip -9 {report['gzip -9']:.3f} | xz -9 {report['xz -9']:.3f}")
+    say(f"checkpoint: {result['checkpoint']}  ({result['elapsed_s']:.0f} s training)")
+    if not args.no_sample and trainer.dist.mode is None:
         lm = LM(m, trainer.tokenizer)
         prompt = "def "
-        print(f"\nsample (temperature 0.8, seed {tc.seed}):\n{prompt}", end="")
-        print(lm.generate(prompt, max_new_tokens=300, temperature=0.8, top_k=50, seed=tc.seed))
+        say(f"\nsample (temperature 0.8, seed {tc.seed}):\n{prompt}"
+            + lm.generate(prompt, max_new_tokens=300, temperature=0.8, top_k=50, seed=tc.seed))
     return 0
 
 
@@ -92,16 +110,60 @@ def cmd_generate(args) -> int:
 
 
 def cmd_presets(args) -> int:
-    from .config import list_presets
-    from .models import build_model
+    from .bench.params import preset_rows
 
-    rows = []
-    for config in list_presets():
-        model = build_model(config, device="meta")
-        rows.append((config.name, config.arch, model.num_params(), model.num_params(True)))
     print(f"{'preset':<28} {'arch':<12} {'params':>12} {'non-embedding':>14}")
-    for name, arch, total, non_emb in rows:
-        print(f"{name:<28} {arch:<12} {_human(total):>12} {_human(non_emb):>14}")
+    for row in preset_rows():
+        print(f"{row['model']:<28} {row['arch']:<12} {_human(row['params']):>12} "
+              f"{_human(row['non_embedding_params']):>14}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .evaluation import evaluate_checkpoint
+
+    r = evaluate_checkpoint(args.checkpoint, data=args.data, out=args.out, extrapolate=args.extrapolate,
+                            max_tokens=args.max_tokens, max_windows=args.windows, log=print)
+    if "task" in r:
+        print(f"{r['task']}: loss {r['loss']:.4f} nats/answer token, exact-match accuracy {100 * r['accuracy']:.1f}% "
+              f"({r['samples']} samples); wrote {r['out']}/eval.json")
+        return 0
+    print(f"validation ({r['bytes']:,} bytes, context {r['train_len']}): loss {r['loss']:.4f} nats/token, "
+          f"{r['bits_per_byte']:.3f} bits/byte | gzip -9 {r['gzip -9']:.3f} | xz -9 {r['xz -9']:.3f}")
+    print("loss by position, in multiples of the training length: "
+          + ", ".join(f"{k}: {v:.3f}" for k, v in r["loss_by_segment"].items()))
+    print(f"wrote {r['out']}/eval.json and loss_by_position.png")
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from .convert import convert
+
+    out = convert(args.src, args.out, tokenizer=args.tokenizer)
+    print(f"wrote kitelm checkpoint {out}")
+    return 0
+
+
+def cmd_study(args) -> int:
+    from dataclasses import replace
+
+    from .study import StudyRecipe, results_table, run_block_study
+
+    recipe = StudyRecipe.quick() if args.quick else StudyRecipe()
+    recipe = replace(recipe, **{k: getattr(args, k) for k in ("steps", "seeds") if getattr(args, k) is not None})
+    results = run_block_study(args.out, recipe, log=print)
+    print(results_table(results))
+    print(f"results: {args.out}/results.json, results.md, loss_vs_step.png, loss_vs_time.png")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from .bench import EXPERIMENTS, BenchSettings, machine, run_bench
+
+    machine.reexec_with_allocator_env()
+    settings = BenchSettings.quick() if args.quick else BenchSettings()
+    run_bench(args.experiments or list(EXPERIMENTS), args.out, settings)
+    print(f"results: {args.out}/results.md, results.json and PNG plots")
     return 0
 
 
@@ -134,6 +196,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("eval", help="validation loss, bits per byte and loss by position (length extrapolation)")
+    p.add_argument("--checkpoint", required=True, help="run folder or checkpoint folder")
+    p.add_argument("--data", help="text file, folder or glob (default: the corpus the checkpoint was trained on)")
+    p.add_argument("--extrapolate", type=int, default=4, help="loss by position up to this multiple of the "
+                   "training length (default 4)")
+    p.add_argument("--max-tokens", type=int, default=131_072, help="validation tokens for the loss (default 131072)")
+    p.add_argument("--windows", type=int, default=32, help="long windows for the position curve (default 32)")
+    p.add_argument("--out", help="folder for eval.json and the plot (default: CHECKPOINT/eval)")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("convert", help="convert a RecurrentGemma checkpoint (HF folder or official .pt state dict) "
+                       "into a kitelm checkpoint folder")
+    p.add_argument("src", help="HF folder (config.json + safetensors) or official PyTorch state-dict file")
+    p.add_argument("--out", required=True, help="new checkpoint folder to write")
+    p.add_argument("--tokenizer", help="SentencePiece tokenizer.model (default: the one beside SRC)")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("study", help="train and compare architectures under one recipe (blocks: Pre-LN, Parallel, "
+                       "SAS, SAS-P, SAS-P without norm)")
+    p.add_argument("name", choices=["blocks"], help="which study")
+    p.add_argument("--steps", type=int, help="training steps per run (default 1000; 20 with --quick)")
+    p.add_argument("--seeds", type=int, help="seeds per variant (default 3; 1 with --quick)")
+    p.add_argument("--out", default="runs/study-blocks", help="output folder (default runs/study-blocks)")
+    p.add_argument("--quick", action="store_true", help="a ~2-minute smoke run of the whole study")
+    p.set_defaults(func=cmd_study)
+
+    p = sub.add_parser("bench", help="measure speed and memory side by side with the installed peers")
+    p.add_argument("experiments", nargs="*", help="scan, train, sample, memory, params (default: all)")
+    p.add_argument("--quick", action="store_true", help="small sizes: about two minutes in all")
+    p.add_argument("--out", default="benchmarks/results/latest", help="results folder")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("presets", help="list model presets with parameter counts")
     p.set_defaults(func=cmd_presets)

@@ -40,7 +40,26 @@ class ModelConfig:
     max_seq_len: int = 1024  # longest context the model is trained for; the default KV-cache capacity
     logit_softcap: float = 0.0  # c·tanh(logits/c) when > 0 (RecurrentGemma: 30)
     # --- Griffin / Hawk / RecurrentGemma options (arch="griffin") ---------------------------------------------
+    lru_width: int | None = None  # RG-LRU width L; None = width (RecurrentGemma), 5632 for the paper's 7B
+    conv_width: int = 4  # temporal width of the recurrent block's depthwise causal Conv1D
+    attention_window: int = 2048  # local attention: a query sees itself and the `attention_window` tokens before it
+    block_pattern: str = "RRA"  # cycled over the layers: R = recurrent block, A = local attention (Hawk: "R")
+    embed_scale_sqrt: bool = False  # multiply input embeddings by bf16(sqrt(width)) (RecurrentGemma only)
     # --- Simplified-block options (He & Hofmann 2023) ------------------------------------------------------------
+    # (arch="simplified"; models/simplified.py maps the paper's variants to these fields)
+    pos_embedding: str = "rope"  # rope | learned (GPT-2's table of max_seq_len absolute positions, as the reference)
+    parallel_block: bool = False  # attention and MLP read one shared Norm(x) and are summed (GPT-J, paper Eq. 7)
+    attn_skip: bool = True  # α_SA·x skip around attention; a parallel block's one skip α_comb·x needs both skips
+    mlp_skip: bool = True  # α_FF·x̂ skip around the MLP (sequential), or α_comb·x (parallel, with attn_skip)
+    attn_matrix: str = "softmax"  # softmax | shaped (αI + βA − γC, Eq. 5) | skipinit (αI + βA, Eq. 4)
+    value_proj: str = "linear"  # linear | orthogonal (trainable W^V, W^P) | identity (no W^V, W^P: SAS)
+    first_layer_value: bool = True  # with value_proj=identity, layer 1 keeps W^V = α_V·I + β_V·ΔW (App. C)
+    block_norms: bool = True  # False: only block 1's input norm and the final norm remain (Sec. 4.4, reference)
+    final_norm: str = "rms"  # rms | layer (GPT-2's ln_f LayerNorm, kept by the reference even with RMSNorm blocks)
+    qk_bias: bool = False  # biases on W^Q, W^K (GPT-2's fused c_attn has one; the reference keeps it)
+    trainable_gains: bool = False  # block gains β_SA, α_FF, β_FF (and α_SA if kept) trainable, no weight decay
+    mlp_gain_init: float = 1.0  # β_FF at init; skipless blocks need O(1/√depth) < 1: 0.1 at 18 layers (App. D.1)
+    allow_unstable_blocks: bool = False  # permit combinations the paper reports as failing (see validate_config)
 
     def __post_init__(self) -> None:
         self.validate()

@@ -10,7 +10,12 @@ import gzip
 import lzma
 import math
 
+import json
+from pathlib import Path
+
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 from .data.dataset import validation_windows
 from .train.trainer import evaluate
@@ -31,3 +36,89 @@ def evaluate_bits_per_byte(model, tokens: np.ndarray, tokenizer, seq_len: int, m
     data = tokenizer.decode(targets).encode("utf-8")
     return {"loss": total / count, "tokens": count, "bytes": len(data),
             "bits_per_byte": total / (math.log(2) * len(data)), **compressor_bits_per_byte(data)}
+
+
+@torch.no_grad()
+def loss_by_position(model, tokens: np.ndarray, length: int, max_windows: int = 64, batch_size: int = 4) -> np.ndarray:
+    """Mean next-token loss at each position 0..length-1 over up to `max_windows` consecutive windows: how well the
+    model uses (or extrapolates to) long contexts."""
+    windows = validation_windows(tokens, length)[:max_windows]
+    model.eval()
+    total = torch.zeros(length, dtype=torch.float64)
+    for i in range(0, len(windows), batch_size):
+        batch = windows[i: i + batch_size]
+        logits = model(batch[:, :-1])
+        loss = F.cross_entropy(logits.transpose(1, 2), batch[:, 1:], reduction="none")  # [B, length]
+        total += loss.double().sum(0)
+    return (total / len(windows)).numpy()
+
+
+def _plot_positions(curve: np.ndarray, train_len: int, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    smooth = max(1, len(curve) // 64)
+    xs = np.arange(len(curve))
+    ys = np.convolve(curve, np.ones(smooth) / smooth, mode="same")
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    ax.plot(xs, ys, lw=1.2)
+    ax.axvline(train_len, color="k", ls="--", lw=1, label=f"training length {train_len}")
+    ax.set(xlabel="position in context (tokens)", ylabel="loss (nats/token)", title=title)
+    ax.set_ylim(top=float(np.percentile(ys, 99)) * 1.05)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def evaluate_checkpoint(path: str | Path, data: str | None = None, out: str | Path | None = None,
+                        extrapolate: int = 4, max_tokens: int | None = 131_072, max_windows: int = 32,
+                        log=lambda msg: None) -> dict:
+    """Validation loss and bits per byte at the training length, and loss by position up to `extrapolate` × the
+    training length. Writes `eval.json` and `loss_by_position.png` into `out` (default: CHECKPOINT/eval)."""
+    from . import load
+    from .data.corpus import load_corpus
+    from .data.dataset import prepare_tokens
+
+    lm = load(path)
+    if lm.tokenizer.name.startswith("task:"):
+        return evaluate_task_checkpoint(lm, out)
+    meta_file = lm.path / "meta.json"
+    meta = json.loads(meta_file.read_text()) if meta_file.exists() else {}
+    train_cfg = meta.get("train_config", {})
+    train_len = int(train_cfg.get("seq_len", lm.config.max_seq_len))
+    corpus = load_corpus(data if data is not None else train_cfg.get("data"))
+    log(f"evaluating {lm.path} on {corpus.name} (training length {train_len})")
+    tokens = prepare_tokens(corpus, lm.tokenizer).validation
+    result = {"checkpoint": str(lm.path), "corpus": corpus.fingerprint, "train_len": train_len,
+              **evaluate_bits_per_byte(lm.model, tokens, lm.tokenizer, train_len, max_tokens)}
+    curve = loss_by_position(lm.model, tokens, extrapolate * train_len, max_windows)
+    result["loss_by_position"] = [round(float(v), 5) for v in curve]
+    result["loss_by_segment"] = {f"{k}-{k + 1}×": float(curve[k * train_len:(k + 1) * train_len].mean())
+                                 for k in range(extrapolate)}
+    out = Path(out) if out is not None else lm.path / "eval"
+    result["out"] = str(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "eval.json").write_text(json.dumps(result, indent=1) + "\n")
+    _plot_positions(curve, train_len, out / "loss_by_position.png",
+                    f"{lm.config.name}: loss by position ({len(curve)} tokens)")
+    return result
+
+
+def evaluate_task_checkpoint(lm, out: str | Path | None = None, n_samples: int = 512) -> dict:
+    """Loss on answer tokens and exact-match accuracy of a synthetic-task checkpoint on its validation samples."""
+    from .data.tasks import task_accuracy, validation_set
+
+    task = lm.tokenizer.task
+    tokens, mask = validation_set(task, n_samples)
+    total, count = evaluate(lm.model, tokens, 64, mask)
+    result = {"checkpoint": str(lm.path), "task": task.name, "samples": n_samples, "loss": total / count,
+              "accuracy": task_accuracy(lm.model, tokens, mask)}
+    out = Path(out) if out is not None else lm.path / "eval"
+    result["out"] = str(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "eval.json").write_text(json.dumps(result, indent=1) + "\n")
+    return result

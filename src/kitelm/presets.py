@@ -14,5 +14,53 @@ register_preset(ModelConfig(name="transformer-1b", width=2048, n_layers=16, n_he
                             max_seq_len=2048))
 
 # --- Griffin / Hawk / RecurrentGemma ----------------------------------------------------------------------------
+# Table in docs/griffin.md §1 (GDM recurrentgemma/common.py:46-114). MQA (1 K/V head), head_dim = width / n_heads,
+# n_heads also counts the RG-LRU gate blocks, MLP expansion 3, RoPE on half of each head, (R, R, A) cycled.
+_GRIFFIN = dict(arch="griffin", n_kv_heads=1, mlp="geglu", rope_fraction=0.5, tie_embeddings=True)
+register_preset(ModelConfig(name="griffin-tiny", width=64, n_layers=3, n_heads=4, mlp_hidden=192,
+                            attention_window=16, max_seq_len=128, **_GRIFFIN))
+register_preset(ModelConfig(name="hawk-tiny", width=64, n_layers=2, n_heads=4, mlp_hidden=192, block_pattern="R",
+                            max_seq_len=128, **_GRIFFIN))
+# Comparable to transformer-small (width 256, 6 layers, 256-token context): trains on 2 CPU cores.
+register_preset(ModelConfig(name="griffin-small", width=256, n_layers=6, n_heads=4, mlp_hidden=768,
+                            attention_window=128, max_seq_len=256, **_GRIFFIN))
+register_preset(ModelConfig(name="hawk-small", width=256, n_layers=6, n_heads=4, mlp_hidden=768, block_pattern="R",
+                            max_seq_len=256, **_GRIFFIN))
+# The paper's 7B presets (GDM common.py Preset.GRIFFIN_PAPER_7B / HAWK_PAPER_7B): no embedding scale, no soft-cap.
+_PAPER_7B = dict(width=4096, n_layers=32, n_heads=32, mlp_hidden=12288, lru_width=5632, attention_window=1024,
+                 vocab_size=256_000, max_seq_len=2048, **_GRIFFIN)
+register_preset(ModelConfig(name="griffin-7b", **_PAPER_7B))
+register_preset(ModelConfig(name="hawk-7b", block_pattern="R", **_PAPER_7B))
+# RecurrentGemma (Botev et al. 2024): 2.683B and 8.580B parameters; embeddings scaled by bf16(√D), soft-cap 30.
+_RG = dict(vocab_size=256_000, attention_window=2048, embed_scale_sqrt=True, logit_softcap=30.0, max_seq_len=8192,
+           **_GRIFFIN)
+register_preset(ModelConfig(name="recurrentgemma-2b", width=2560, n_layers=26, n_heads=10, mlp_hidden=7680, **_RG))
+register_preset(ModelConfig(name="recurrentgemma-9b", width=4096, n_layers=38, n_heads=16, mlp_hidden=12288, **_RG))
 
 # --- Simplified transformer blocks ------------------------------------------------------------------------------
+# He & Hofmann 2023; `models/simplified.py` maps each variant to the paper's figures. Both sizes follow the reference
+# code's GPT-2 (bobby-he/simplified_transformers): learned positions, Q/K biases, LayerNorm `ln_f`, RMSNorm blocks,
+# a bias-free ReLU MLP of 4·width (`leaky_relu` with slope 0). Skipless variants start with β_FF = 0.1 at 18 layers
+# (App. D.1) and 0.1·√(18/6) ≈ 0.173 at 6 layers, keeping the paper's O(1/√depth) rule.
+_SHAPED = dict(attn_skip=False, attn_matrix="shaped", trainable_gains=True)
+_SIMPLIFIED_VARIANTS = {
+    "preln": {},
+    "parallel": dict(parallel_block=True),
+    "vskipinit": dict(value_proj="orthogonal", **_SHAPED),  # reference `baseline_comparison.sh`, val_init_type=orth
+    "sas": dict(value_proj="identity", **_SHAPED),
+    "sas-p": dict(value_proj="identity", parallel_block=True, mlp_skip=False, **_SHAPED),
+    "sas-p-nonorm": dict(value_proj="identity", parallel_block=True, mlp_skip=False, block_norms=False, **_SHAPED),
+}
+_SIMPLIFIED_SIZES = {
+    # CPU size, comparable to transformer-small; 4 heads keep the paper's head dimension of 64; 1,024 learned
+    # positions as GPT-2 (the reference trains at T = 128 with them), so generation can run past the training length.
+    "small": (dict(width=256, n_layers=6, n_heads=4, max_seq_len=1024), round(0.1 * (18 / 6) ** 0.5, 3)),
+    # The paper's CodeParrot model: 18 layers, d = 768, 12 heads, vocab 50,000, 1,024 positions (Sec. 4, App. D.1).
+    "paper": (dict(width=768, n_layers=18, n_heads=12, vocab_size=50_000, max_seq_len=1024), 0.1),
+}
+for _variant, _options in _SIMPLIFIED_VARIANTS.items():
+    for _size, (_dims, _beta_ff) in _SIMPLIFIED_SIZES.items():
+        _skipless = not _options.get("attn_skip", True)
+        register_preset(ModelConfig(name=f"{_variant}-{_size}", arch="simplified", mlp="relu", pos_embedding="learned",
+                                    qk_bias=True, final_norm="layer", mlp_gain_init=_beta_ff if _skipless else 1.0,
+                                    **_dims, **_options))

@@ -30,7 +30,9 @@ def reexec_with_allocator_env() -> None:
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **ALLOCATOR_ENV})
 
 
-def median_seconds(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> float:
+def time_runs(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> tuple[float, float]:
+    """(median, fastest) wall seconds of fn() over `repeats` runs after `warmup` runs. On a shared machine the
+    fastest run is the best estimate of what the code does alone; the median shows how noisy the machine was."""
     for _ in range(warmup):
         fn()
     times = []
@@ -38,21 +40,26 @@ def median_seconds(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) 
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(times), min(times)
+
+
+def median_seconds(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> float:
+    return time_runs(fn, repeats, warmup)[0]
 
 
 def gemm_peak_flops(n: int = 1024, dtype: torch.dtype = torch.float32, repeats: int = 5) -> float:
-    """Measured matmul FLOP/s of an n×n×n product: the denominator of MFU."""
+    """Measured matmul FLOP/s of an n×n×n product (fastest run): the denominator of MFU."""
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     out = torch.empty(n, n, dtype=dtype)
-    return 2 * n**3 / median_seconds(lambda: torch.mm(a, b, out=out), repeats)
+    return 2 * n**3 / time_runs(lambda: torch.mm(a, b, out=out), repeats)[1]
 
 
 def dram_bandwidth(nbytes: int = 256 * 2**20, repeats: int = 5) -> float:
-    """Bytes/s of an out-of-place add of two `nbytes` fp32 tensors (2 reads + 1 write), far beyond any cache."""
+    """Bytes/s of an out-of-place add of two `nbytes` fp32 tensors (2 reads + 1 write, far beyond any cache;
+    fastest run)."""
     n = nbytes // 4
     a, b, out = torch.rand(n), torch.rand(n), torch.empty(n)
-    return 3 * nbytes / median_seconds(lambda: torch.add(a, b, out=out), repeats)
+    return 3 * nbytes / time_runs(lambda: torch.add(a, b, out=out), repeats)[1]
 
 
 def git_commit() -> str | None:

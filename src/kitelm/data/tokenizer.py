@@ -93,6 +93,45 @@ class BPETokenizer:
         self.hf.save(str(Path(directory) / TOKENIZER_FILE))
 
 
+class SentencePieceTokenizer:
+    """A SentencePiece model (`tokenizer.model`, e.g. RecurrentGemma's 256k vocabulary). Like the official sampler
+    (GDM torch/sampler.py:190-197, :92), prompts get BOS prepended (by `LM.encode`) and generation stops at EOS."""
+
+    MODEL_FILE = "tokenizer.model"
+
+    def __init__(self, proto: bytes, source: str = MODEL_FILE):
+        import sentencepiece as spm
+
+        self.proto = proto
+        self.sp = spm.SentencePieceProcessor()
+        try:
+            self.sp.LoadFromSerializedProto(proto)
+        except (RuntimeError, OSError):
+            raise CheckpointError(f"{source} is not a SentencePiece model (its protobuf does not parse); pass the "
+                                  "tokenizer.model that came with the checkpoint") from None
+        self.vocab_size = self.sp.vocab_size()
+        self.eos_id = self.sp.eos_id()
+        self.bos_id = self.sp.bos_id() if self.sp.bos_id() >= 0 else None
+        self.name = f"sentencepiece:{self.vocab_size}"
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "SentencePieceTokenizer":
+        try:
+            return cls(Path(path).read_bytes(), str(path))
+        except OSError as err:
+            raise CheckpointError(f"cannot read tokenizer {path} ({err.strerror or err})") from None
+
+    def encode(self, text: str) -> list[int]:
+        _utf8(text)
+        return self.sp.EncodeAsIds(text)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.sp.DecodeIds([i for i in ids if 0 <= i < self.vocab_size])
+
+    def save(self, directory: str | Path) -> None:
+        (Path(directory) / self.MODEL_FILE).write_bytes(self.proto)
+
+
 def parse_tokenizer_spec(spec: str) -> tuple[str, int | None]:
     """`byte` or `bpe:N` (N ≥ 512) → (kind, vocab size)."""
     if spec == "byte":
@@ -104,8 +143,10 @@ def parse_tokenizer_spec(spec: str) -> tuple[str, int | None]:
 
 
 def load_tokenizer(directory: str | Path) -> Tokenizer:
-    """Load the tokenizer saved in a checkpoint folder (`tokenizer.json`)."""
+    """Load the tokenizer saved in a checkpoint folder (`tokenizer.json`, or a SentencePiece `tokenizer.model`)."""
     path = Path(directory) / TOKENIZER_FILE
+    if not path.exists() and (Path(directory) / SentencePieceTokenizer.MODEL_FILE).exists():
+        return SentencePieceTokenizer.from_file(Path(directory) / SentencePieceTokenizer.MODEL_FILE)
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
@@ -114,6 +155,10 @@ def load_tokenizer(directory: str | Path) -> Tokenizer:
         raise CheckpointError(f"{path} is not valid JSON; the checkpoint is corrupt") from None
     if data.get("kitelm_tokenizer") == "byte":
         return ByteTokenizer()
+    if data.get("kitelm_tokenizer") == "task":
+        from .tasks import TaskTokenizer
+
+        return TaskTokenizer.from_saved(data)
     from tokenizers import Tokenizer as HFTokenizer
 
     try:

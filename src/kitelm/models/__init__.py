@@ -5,10 +5,14 @@ from __future__ import annotations
 import torch
 
 from .base import LanguageModel
+from .griffin import Griffin
+from .simplified import SimplifiedTransformer
 from .transformer import Transformer
 
 ARCHITECTURES: dict[str, type[LanguageModel]] = {
     "transformer": Transformer,
+    "griffin": Griffin,
+    "simplified": SimplifiedTransformer,
 }
 
 

@@ -88,9 +88,11 @@ def save_checkpoint(run_dir: str | Path, step: int, model_state: dict[str, torch
             shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(f"could not write checkpoint {final} ({err.strerror or err}); free disk space or "
                               "choose a writable --out folder (earlier checkpoints are untouched)") from None
-    if keep_last:
+    if keep_last:  # rename out of sight first: a crash mid-delete never leaves a half-deleted step-* folder
         for old in list_checkpoints(run_dir)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+            doomed = parent / f".old-{old.name}-{os.getpid()}"
+            os.replace(old, doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
     return final
 
 

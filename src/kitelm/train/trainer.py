@@ -21,6 +21,7 @@ from .. import __version__
 from ..config import ModelConfig
 from ..data.corpus import load_corpus
 from ..data.dataset import WindowSampler, build_tokenizer, prepare_tokens, validation_windows
+from ..data.tasks import TaskSampler, TaskTokenizer, get_task, validation_set
 from ..errors import CheckpointError, ConfigError, KitelmError
 from ..models import build_model
 from . import distributed
@@ -34,6 +35,7 @@ SCHEDULES = ("cosine", "linear", "constant")
 class TrainConfig:
     out_dir: str = "runs/default"
     data: str | None = None  # None = the Python standard library corpus
+    task: str | None = None  # a synthetic task (kitelm.data.tasks) instead of a corpus
     tokenizer: str = "byte"  # byte | bpe:N
     steps: int = 1200
     batch_size: int = 16  # sequences per micro-batch
@@ -79,25 +81,34 @@ class TrainingDiverged(KitelmError):
     """The loss became NaN or infinite."""
 
 
-def lm_loss(model, batch: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy (nats) of `batch [B, T+1]`."""
+def token_losses(model, batch: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy (nats) of `batch [B, T+1]` at every position: [B, T]."""
     logits = model(batch[:, :-1])
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+    return F.cross_entropy(logits.transpose(1, 2), batch[:, 1:], reduction="none")
+
+
+def lm_loss(model, batch: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean next-token loss of `batch [B, T+1]`, over the targets where `mask [B, T]` is True (all if None)."""
+    if mask is None:
+        logits = model(batch[:, :-1])
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+    return token_losses(model, batch)[mask].mean()
 
 
 @torch.no_grad()
-def evaluate(model, windows: torch.Tensor, batch_size: int = 16) -> tuple[float, int]:
-    """Total next-token loss (nats) and token count over `windows [N, T+1]`."""
+def evaluate(model, windows: torch.Tensor, batch_size: int = 16, mask: torch.Tensor | None = None
+             ) -> tuple[float, int]:
+    """Total next-token loss (nats) and scored-token count over `windows [N, T+1]` (targets where `mask`)."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     device = next(model.parameters()).device
     for i in range(0, len(windows), batch_size):
-        batch = windows[i: i + batch_size].to(device)
-        logits = model(batch[:, :-1])
-        total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
-                                 reduction="sum").item()
-        count += batch[:, 1:].numel()
+        losses = token_losses(model, windows[i: i + batch_size].to(device))
+        if mask is not None:
+            losses = losses[mask[i: i + batch_size].to(device)]
+        total += losses.sum().item()
+        count += losses.numel()
     model.train(was_training)
     return total, count
 
@@ -155,10 +166,11 @@ class Trainer:
         self.resume_from = self._find_resume(resume)
         torch.manual_seed(train_config.seed)
 
-        self.log("loading corpus ...")
-        self.corpus = load_corpus(train_config.data)
-        self.tokenizer = build_tokenizer(train_config.tokenizer, self.corpus)
-        self.data = prepare_tokens(self.corpus, self.tokenizer)
+        micro_batch = train_config.batch_size // self.dist.world
+        if train_config.task is not None:
+            self._setup_task(train_config, micro_batch)
+        else:
+            self._setup_corpus(train_config, micro_batch)
         if model_config.vocab_size != self.tokenizer.vocab_size:
             model_config = model_config.replace(vocab_size=self.tokenizer.vocab_size)
         self.model_config = model_config
@@ -167,14 +179,33 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(self.model.weight_decay_groups(train_config.weight_decay),
                                            lr=train_config.lr, betas=(train_config.beta1, train_config.beta2),
                                            foreach=True)
-        self.sampler = WindowSampler(self.data.train, train_config.seq_len, train_config.batch_size // self.dist.world,
-                                     train_config.grad_accum, world=self.dist.world, seed=train_config.seed)
-        self.val_windows = validation_windows(self.data.validation, train_config.seq_len, train_config.eval_tokens)
         self.step = 0
         self.metrics: list[dict] = []
         self.metrics_path = self.out / "metrics.jsonl"
         if self.resume_from is not None:
             self._restore(self.resume_from)
+
+    # ------------------------------------------------------------------ data
+    def _setup_corpus(self, tc: TrainConfig, micro_batch: int) -> None:
+        self.log("loading corpus ...")
+        self.corpus = load_corpus(tc.data)
+        self.fingerprint, self.data_name = self.corpus.fingerprint, self.corpus.name
+        self.tokenizer = build_tokenizer(tc.tokenizer, self.corpus)
+        self.data = prepare_tokens(self.corpus, self.tokenizer)
+        sampler = WindowSampler(self.data.train, tc.seq_len, micro_batch, tc.grad_accum, world=self.dist.world,
+                                seed=tc.seed)
+        self.next_batch = lambda step, micro: (sampler.batch(step, micro, self.dist.rank), None)
+        self.val_windows = validation_windows(self.data.validation, tc.seq_len, tc.eval_tokens)
+        self.val_mask = None
+
+    def _setup_task(self, tc: TrainConfig, micro_batch: int) -> None:
+        task = get_task(tc.task)
+        self.fingerprint, self.data_name = {"task": dataclasses.asdict(task)}, task.name
+        self.tokenizer = TaskTokenizer(task)
+        sampler = TaskSampler(task, micro_batch, tc.seed, self.dist.world)
+        self.next_batch = lambda step, micro: sampler.batch(step, micro, self.dist.rank)
+        n_val = max(1, tc.eval_tokens // task.seq_len)
+        self.val_windows, self.val_mask = validation_set(task, n_val)
 
     # ------------------------------------------------------------------ resume
     def _find_resume(self, resume: str | None) -> Path | None:
@@ -206,7 +237,7 @@ class Trainer:
     # ------------------------------------------------------------------ loop
     def run_metadata(self) -> dict:
         return {"kitelm": __version__, "torch": torch.__version__, "threads": torch.get_num_threads(),
-                "corpus": self.corpus.fingerprint, "tokenizer": self.tokenizer.name,
+                "corpus": self.fingerprint, "tokenizer": self.tokenizer.name,
                 "train_config": dataclasses.asdict(self.tc), "model": self.model_config.name,
                 "params": self.model.num_params(), "non_embedding_params": self.model.num_params(True)}
 
@@ -224,7 +255,7 @@ class Trainer:
 
     def validate(self) -> float:
         """Validation loss; every rank evaluates the same windows (so FSDP's collectives stay in step)."""
-        total, count = evaluate(self.wrapped, self.val_windows, self.tc.batch_size)
+        total, count = evaluate(self.wrapped, self.val_windows, self.tc.batch_size, self.val_mask)
         return total / count
 
     def train(self, until: int | None = None) -> dict:
@@ -247,10 +278,11 @@ class Trainer:
                     group["lr"] = lr
                 loss_sum = 0.0
                 for micro in range(tc.grad_accum):
-                    batch = self.sampler.batch(self.step, micro, self.dist.rank).to(self.dist.device)
+                    batch, mask = self.next_batch(self.step, micro)
+                    batch, mask = batch.to(self.dist.device), mask.to(self.dist.device) if mask is not None else None
                     last = micro == tc.grad_accum - 1
                     with distributed.no_grad_sync(self.wrapped, self.dist) if not last else nullcontext():
-                        loss = lm_loss(self.wrapped, batch) / tc.grad_accum
+                        loss = lm_loss(self.wrapped, batch, mask) / tc.grad_accum
                         loss.backward()
                     loss_sum += loss.item()
                 loss_sum = distributed.mean_across_ranks(loss_sum, self.dist)
@@ -288,7 +320,7 @@ class Trainer:
                 bar.close()
             if self.metrics and self.dist.is_main:
                 _write_metrics(self.metrics_path, self.metrics)
-                plot_losses(self.metrics, self.out / "loss.png", f"{self.model_config.name} on {self.corpus.name}")
+                plot_losses(self.metrics, self.out / "loss.png", f"{self.model_config.name} on {self.data_name}")
         last = [r for r in self.metrics if "val_loss" in r]
         return {"step": self.step, "val_loss": last[-1]["val_loss"] if last else None,
                 "checkpoint": str(latest_checkpoint(self.out)), "elapsed_s": round(time.perf_counter() - t_start, 1)}

@@ -1,0 +1,120 @@
+"""Local (sliding-window) multi-query attention of Griffin, with GDM's window semantics and a ring-buffer cache.
+
+    q = RoPE(x W_q), k = RoPE(x W_k), v = x W_v         RoPE on the first half of each head (GDM torch/modules.py:53-85)
+    y = softmax(q kᵀ / √hd + M) v W_final + b_final     one K/V head (MQA); W_final has a bias
+    M[q, k] = 0  iff  same document ∧ k ≤ q ≤ k + window, else −∞
+
+The window is inclusive (GDM torch/modules.py:119-121): a query sees itself and the `window` tokens before it, i.e.
+window + 1 keys (transformers sees only window keys). Window distances count tokens (array indices, pads included);
+documents are `cumsum(segment_pos == 0)` (GDM torch/modules.py:129-150), so packed documents and left pads never mix.
+
+The full-sequence forward is blocked: queries in blocks of `block` tokens each see at most window + block keys, so
+memory grows as T × window, never T × T. The same code continues a `RingKVCache` with a chunk of any length.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .rope import RotaryEmbedding
+
+
+class RingKVCache(nn.Module):
+    """The last `window` keys/values of one local-attention layer: `k, v [B, H_kv, window, hd]`; the token seen at
+    step τ (counting every token, pads included) lives in slot τ mod window. `segment [B, window]` is each slot's
+    document id (−1 = empty), `last_segment [B]` the id of the latest token, `count` the number of tokens seen.
+    Its size does not depend on `count`.
+
+    GDM's ring (torch/modules.py:187-223, :256-286) counts each row's real tokens (`segment_pos[-1] + 1`) and cannot
+    take chunks; counting every step and storing document ids instead makes any chunk continue the state exactly."""
+
+    def __init__(self, batch: int, kv_heads: int, window: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str | None = None):
+        super().__init__()
+        self.register_buffer("k", torch.zeros(batch, kv_heads, window, head_dim, dtype=dtype, device=device))
+        self.register_buffer("v", torch.zeros(batch, kv_heads, window, head_dim, dtype=dtype, device=device))
+        self.register_buffer("segment", torch.full((batch, window), -1, dtype=torch.long, device=device))
+        self.register_buffer("last_segment", torch.zeros(batch, dtype=torch.long, device=device))
+        self.count = 0
+
+    @property
+    def window(self) -> int:
+        return self.k.shape[2]
+
+    def slot_steps(self) -> torch.Tensor:
+        """[window]: the step of the token held by each slot (the latest τ < count with τ ≡ slot mod window)."""
+        slots = torch.arange(self.window, device=self.k.device)
+        return self.count - 1 - (self.count - 1 - slots) % self.window
+
+    def write(self, k: torch.Tensor, v: torch.Tensor, segment: torch.Tensor) -> None:
+        """Append `k, v [B, H_kv, T, hd]` and `segment [B, T]`; only the last `window` tokens are kept."""
+        t = k.shape[2]
+        m = min(t, self.window)
+        slots = (self.count + t - m + torch.arange(m, device=k.device)) % self.window
+        self.k[:, :, slots] = k[:, :, t - m:].to(self.k.dtype)
+        self.v[:, :, slots] = v[:, :, t - m:].to(self.v.dtype)
+        self.segment[:, slots] = segment[:, t - m:]
+        self.last_segment.copy_(segment[:, -1])
+        self.count += t
+
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in (self.k, self.v, self.segment, self.last_segment))
+
+
+class LocalAttention(nn.Module):
+    """x [B, T, D], segment_pos [B, T] (0 = document start, −1 = pad), cache → [B, T, D]."""
+
+    def __init__(self, width: int, n_heads: int, kv_heads: int, head_dim: int, window: int,
+                 rope_base: float = 10_000.0, rope_fraction: float = 0.5, final_var_scale: float = 1.0):
+        super().__init__()
+        self.n_heads, self.kv_heads, self.head_dim, self.window = n_heads, kv_heads, head_dim, window
+        self.block = max(window, 64)  # query block length of the blocked forward
+        self.proj_q = nn.Linear(width, n_heads * head_dim, bias=False)
+        self.proj_k = nn.Linear(width, kv_heads * head_dim, bias=False)
+        self.proj_v = nn.Linear(width, kv_heads * head_dim, bias=False)
+        self.proj_final = nn.Linear(n_heads * head_dim, width, bias=True)
+        self.rope = RotaryEmbedding(head_dim, rope_base, rope_fraction)
+        self.final_var_scale = final_var_scale
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """GDM torch/modules.py LocalAttentionBlock: q, k, v ~ N(0, 1/D); final ~ N(0, (2/layers)/D), bias 0."""
+        for proj in (self.proj_q, self.proj_k, self.proj_v):
+            nn.init.normal_(proj.weight, std=math.sqrt(1.0 / proj.in_features))
+        nn.init.normal_(self.proj_final.weight, std=math.sqrt(self.final_var_scale / self.proj_final.in_features))
+        nn.init.zeros_(self.proj_final.bias)
+
+    def forward(self, x: torch.Tensor, segment_pos: torch.Tensor, cache: RingKVCache | None = None) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = self.rope(self.proj_q(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2), segment_pos)
+        k = self.rope(self.proj_k(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2), segment_pos)
+        v = self.proj_v(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        segment = torch.cumsum(segment_pos == 0, dim=1)  # document ids (GDM torch/modules.py:143)
+        start = 0
+        if cache is not None:
+            start, segment = cache.count, segment + cache.last_segment[:, None]
+        steps = start + torch.arange(t, device=x.device)  # token counts: the window is measured in these
+        outs = []
+        for s in range(0, t, self.block):
+            e = min(s + self.block, t)
+            lo = max(0, s - self.window)
+            ks, vs, k_seg, k_step = k[:, :, lo:e], v[:, :, lo:e], segment[:, lo:e], steps[lo:e].expand(b, -1)
+            if cache is not None and cache.count > 0 and s < self.window:  # the ring holds keys in the window
+                ks, vs = torch.cat([cache.k.to(k.dtype), ks], 2), torch.cat([cache.v.to(v.dtype), vs], 2)
+                k_seg = torch.cat([cache.segment, k_seg], 1)
+                k_step = torch.cat([cache.slot_steps().expand(b, -1), k_step], 1)
+            q_step, q_seg = steps[s:e][None, :, None], segment[:, s:e, None]
+            k_step, k_seg = k_step[:, None, :], k_seg[:, None, :]
+            # [B, Tq, S]; every query sees itself, so no row is empty and SDPA's −inf acts as GDM's −2.38e38 fill
+            # (torch/modules.py:28)
+            mask = (q_seg == k_seg) & (k_step <= q_step) & (q_step <= k_step + self.window)
+            outs.append(F.scaled_dot_product_attention(q[:, :, s:e], ks, vs, attn_mask=mask[:, None],
+                                                       enable_gqa=self.kv_heads != self.n_heads))
+        if cache is not None:
+            cache.write(k, v, segment)
+        y = torch.cat(outs, 2) if len(outs) > 1 else outs[0]
+        return self.proj_final(y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))

@@ -1,0 +1,153 @@
+"""Griffin, Hawk and RecurrentGemma (De et al. 2024, arXiv 2402.19427; Botev et al. 2024, arXiv 2404.07839).
+
+    x ← E[tokens] (· bf16(√D) for RecurrentGemma)
+    per layer i:  x ← x + Temporal_i(RMSNorm(x));  x ← x + MLP(RMSNorm(x))
+    logits = softcap(RMSNorm(x) Eᵀ)
+
+Deltas from the baseline transformer (`transformer.py`):
+- the temporal block cycles through `block_pattern`: R = recurrent block, A = local MQA (`layers/local_attention.py`);
+  Hawk is "R" only. Recurrent block (GDM torch/modules.py:496-680):
+      y = gelu_tanh(W_y x + b_y);  u = RG-LRU(Conv1D(W_x x + b_x));  out = W_out(u ⊙ y) + b_out
+- RMSNorm with gain (1 + scale), scale initialised to 0, in the input dtype (GDM torch/layers.py:30-73);
+- GeGLU MLP with biases, hidden 3·D (GDM torch/modules.py:683-752: gate = branch 0, value = branch 1);
+- the input embedding scale √D is rounded to bfloat16 (√2560 → 50.5; GDM torch/modules.py:994-998);
+- a bounded inference state per layer: Conv1D state + float32 RG-LRU state, or a ring KV cache of `window` slots.
+
+Init follows GDM (torch/griffin.py:70, brief §6): output projections use variance scale 2/layers over their fan-in.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..layers.conv1d import Conv1D
+from ..layers.local_attention import LocalAttention, RingKVCache
+from ..layers.mlp import MLP
+from ..layers.norms import RMSNorm
+from ..layers.rglru import RGLRU
+from .base import LanguageModel
+
+BLOCK_KINDS = {"R": "recurrent", "A": "attention"}
+
+
+class RecurrentState(nn.Module):
+    """One recurrent block's state: `conv [B, K−1, L]` (model dtype) and `h [B, L]` (float32, GDM
+    torch/layers.py:367-376). Its size does not depend on the number of tokens seen."""
+
+    def __init__(self, batch: int, lru_width: int, conv_width: int, dtype: torch.dtype,
+                 device: torch.device | str | None = None):
+        super().__init__()
+        self.register_buffer("conv", torch.zeros(batch, conv_width - 1, lru_width, dtype=dtype, device=device))
+        self.register_buffer("h", torch.zeros(batch, lru_width, dtype=torch.float32, device=device))
+
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in (self.conv, self.h))
+
+
+class RecurrentBlock(nn.Module):
+    """x [B, T, D], segment_pos [B, T], state → [B, T, D] (updates `state` in place)."""
+
+    def __init__(self, width: int, lru_width: int, num_heads: int, conv_width: int, final_var_scale: float):
+        super().__init__()
+        self.linear_y = nn.Linear(width, lru_width)
+        self.linear_x = nn.Linear(width, lru_width)
+        self.linear_out = nn.Linear(lru_width, width)
+        self.conv_1d = Conv1D(lru_width, conv_width)
+        self.rg_lru = RGLRU(lru_width, num_heads)
+        for lin, scale in ((self.linear_y, 1.0), (self.linear_x, 1.0), (self.linear_out, final_var_scale)):
+            nn.init.normal_(lin.weight, std=math.sqrt(scale / lin.in_features))
+            nn.init.zeros_(lin.bias)
+
+    def forward(self, x: torch.Tensor, segment_pos: torch.Tensor, state: RecurrentState | None) -> torch.Tensor:
+        y = F.gelu(self.linear_y(x), approximate="tanh")  # the tanh GeLU, GDM torch/modules.py:291
+        u, conv_state = self.conv_1d(self.linear_x(x), segment_pos, state.conv if state is not None else None)
+        u, h = self.rg_lru(u, segment_pos, state.h if state is not None else None)
+        if state is not None:
+            state.conv.copy_(conv_state)
+            state.h.copy_(h)
+        return self.linear_out(u * y)
+
+
+class ResidualBlock(nn.Module):
+    """r = x + Temporal(RMSNorm(x));  out = r + MLP(RMSNorm(r))   (GDM torch/modules.py:877-911)."""
+
+    def __init__(self, config, kind: str):
+        super().__init__()
+        c = config
+        final_var_scale = 2.0 / c.n_layers  # GDM torch/griffin.py:70 final_w_init_variance_scale
+        self.kind = kind
+        self.temporal_pre_norm = RMSNorm(c.width, c.norm_eps, unit_offset=True)
+        if kind == "recurrent":
+            self.temporal_block = RecurrentBlock(c.width, c.lru_width or c.width, c.n_heads, c.conv_width,
+                                                 final_var_scale)
+        else:
+            self.temporal_block = LocalAttention(c.width, c.n_heads, c.kv_heads, c.dim_per_head, c.attention_window,
+                                                 c.rope_base, c.rope_fraction, final_var_scale)
+        self.channel_pre_norm = RMSNorm(c.width, c.norm_eps, unit_offset=True)
+        self.mlp = MLP(c.width, c.mlp_width, c.mlp, bias=True)
+        for lin, scale in ((self.mlp.gate, 1.0), (self.mlp.up, 1.0), (self.mlp.down, final_var_scale)):
+            nn.init.normal_(lin.weight, std=math.sqrt(scale / lin.in_features))
+            nn.init.zeros_(lin.bias)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor | None, state) -> torch.Tensor:
+        if positions is None:
+            positions = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
+        r = x + self.temporal_block(self.temporal_pre_norm(x), positions, state)
+        return r + self.mlp(self.channel_pre_norm(r))
+
+
+class Griffin(LanguageModel):
+    """Griffin / Hawk / RecurrentGemma language model: input_ids [B, T] (+ positions [B, T], 0 = document start,
+    −1 = pad) → float32 logits [B, T, vocab]."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        kinds = self.block_kinds(config)
+        self.blocks = nn.ModuleList(ResidualBlock(config, kind) for kind in kinds)
+        self.norm = RMSNorm(config.width, config.norm_eps, unit_offset=True)
+        nn.init.normal_(self.embed.weight, std=math.sqrt(1.0 / config.width))  # GDM Embedder: variance 1/D
+        if self.head is not None:
+            nn.init.normal_(self.head.weight, std=math.sqrt(1.0 / config.width))
+        # bf16(√D), applied to the input embedding only (GDM torch/modules.py:994-998): √2560 = 50.596 → 50.5
+        self.embed_scale = float(torch.tensor(math.sqrt(config.width), device="cpu").to(torch.bfloat16))
+
+    @staticmethod
+    def block_kinds(config) -> list[str]:
+        pattern = config.block_pattern
+        return [BLOCK_KINDS[pattern[i % len(pattern)]] for i in range(config.n_layers)]
+
+    @staticmethod
+    def validate_config(config, need) -> None:
+        need(bool(config.block_pattern) and set(config.block_pattern) <= set(BLOCK_KINDS),
+             f"block_pattern={config.block_pattern!r} must be a non-empty string of R (recurrent) and A (attention)")
+        lru = config.lru_width or config.width
+        need(isinstance(lru, int) and lru > 0, f"lru_width={config.lru_width!r} must be a positive integer")
+        need(lru % config.n_heads == 0,
+             f"n_heads={config.n_heads} (the RG-LRU gate blocks) does not divide lru_width={lru}")
+        need(config.mlp in ("geglu", "swiglu"), f"mlp={config.mlp!r}: Griffin uses a gated MLP (geglu)")
+        need(isinstance(config.conv_width, int) and config.conv_width >= 1,
+             f"conv_width={config.conv_width!r} must be a positive integer")
+        need(isinstance(config.attention_window, int) and config.attention_window >= 1,
+             f"attention_window={config.attention_window!r} must be a positive integer")
+
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed(input_ids)
+        return x * self.embed_scale if self.config.embed_scale_sqrt else x
+
+    def new_layer_state(self, index, batch_size, capacity, dtype, device):
+        """Bounded states: `capacity` is ignored."""
+        c = self.config
+        if self.blocks[index].kind == "recurrent":
+            return RecurrentState(batch_size, c.lru_width or c.width, c.conv_width, dtype, device)
+        return RingKVCache(batch_size, c.kv_heads, c.attention_window, c.dim_per_head, dtype, device)
+
+    def attention_flops_per_token(self, seq_len: int) -> float:
+        """Scores and weighted sum over at most window + 1 keys per query, ×3 for the backward pass."""
+        c = self.config
+        n_attn = sum(kind == "attention" for kind in self.block_kinds(c))
+        keys = min(seq_len / 2, c.attention_window + 1)
+        return 6 * 2 * n_attn * c.n_heads * c.dim_per_head * keys

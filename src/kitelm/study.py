@@ -1,0 +1,154 @@
+"""Architecture studies: train several presets under one recipe and compare them (`kitelm study blocks`).
+
+The blocks study reproduces, at CPU scale, the comparison of He & Hofmann 2023 (Figs. 5 and 26): Pre-LN, Parallel,
+SAS, SAS-P and SAS-P without norm trained for the same steps and tokens over several seeds, with the reference's
+optimiser (brief `simplified.md` §4, §7). It writes `results.json`, `results.md` (parameters, final validation loss
+mean ± std, training tokens/s) and `loss_vs_step.png`, `loss_vs_time.png`. Wall-clock is training time only:
+evaluation and checkpointing are left out, as in the trainer's tokens/s.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+from .config import get_preset
+from .errors import ConfigError
+from .train.trainer import TrainConfig, Trainer
+
+# (label, preset). Issue 4 item 6: append ("Griffin", "griffin-small") and ("Griffin-SAS", "griffin-sas-small") here
+# once the Griffin block pattern can take the simplified attention layer; everything below works for any preset.
+BLOCK_VARIANTS = (
+    ("Pre-LN", "preln-small"),
+    ("Parallel", "parallel-small"),
+    ("SAS", "sas-small"),
+    ("SAS-P", "sas-p-small"),
+    ("SAS-P, no norm", "sas-p-nonorm-small"),
+)
+
+
+@dataclass
+class StudyRecipe:
+    """Shared training recipe. Paper (App. D.1, reference `train.yaml`): AdamW (0.9, 0.999), weight decay 0.1,
+    clip 1.0, 5% linear warmup then linear decay to ~0, peak LR 1e-3 (best for Pre-LN, SAS and SAS-P), T = 128."""
+
+    steps: int = 1000
+    seeds: int = 3
+    batch_size: int = 16
+    seq_len: int = 128  # the paper's context length
+    lr: float = 1e-3
+    eval_points: int = 10  # validation evaluations per run
+    eval_tokens: int = 32_768
+
+    @classmethod
+    def quick(cls) -> "StudyRecipe":
+        """A smoke run of the whole pipeline (about 2 minutes on 2 CPU cores); its losses mean little."""
+        return cls(steps=20, seeds=1, batch_size=8, seq_len=64, eval_points=2, eval_tokens=2048)
+
+    def train_config(self, out_dir: Path, seed: int) -> TrainConfig:
+        every = max(1, self.steps // self.eval_points)
+        return TrainConfig(out_dir=str(out_dir), steps=self.steps, batch_size=self.batch_size, seq_len=self.seq_len,
+                           lr=self.lr, min_lr_ratio=0.0, warmup_steps=max(1, self.steps // 20), schedule="linear",
+                           weight_decay=0.1, beta1=0.9, beta2=0.999, grad_clip=1.0, eval_every=every,
+                           eval_tokens=self.eval_tokens, save_every=self.steps, keep_last=1,
+                           log_every=max(1, min(5, every)), seed=seed)
+
+
+def _curves(metrics: list[dict]) -> dict:
+    """Validation loss against step and against cumulative training seconds (evaluation time excluded)."""
+    train_s, last_tokens, at_step = 0.0, 0, {0: 0.0}
+    for row in metrics:
+        if "tokens_per_s" in row:
+            train_s += (row["tokens"] - last_tokens) / row["tokens_per_s"]
+            last_tokens = row["tokens"]
+            at_step[row["step"]] = train_s
+    val = [r for r in metrics if "val_loss" in r]
+    rates = [r["tokens_per_s"] for r in metrics if "tokens_per_s" in r]
+    return {"step": [r["step"] for r in val], "train_s": [round(at_step[r["step"]], 3) for r in val],
+            "val_loss": [r["val_loss"] for r in val],
+            # the median interval is robust to the first (warm-up) interval and to other load on a shared machine
+            "tokens_per_s": statistics.median(rates[1:] if len(rates) > 1 else rates)}
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def run_block_study(out_dir: str | Path, recipe: StudyRecipe | None = None,
+                    variants: tuple[tuple[str, str], ...] = BLOCK_VARIANTS,
+                    log: Callable[[str], None] | None = None) -> dict:
+    """Train every (label, preset) in `variants` for `recipe.seeds` seeds; write and return the results."""
+    recipe = recipe or StudyRecipe()
+    if recipe.seeds < 1 or recipe.steps < 1:
+        raise ConfigError(f"the study needs at least 1 step and 1 seed (got steps={recipe.steps}, "
+                          f"seeds={recipe.seeds})")
+    log = log or (lambda msg: None)
+    out = Path(out_dir)
+    results = {"recipe": asdict(recipe), "variants": []}
+    for label, preset in variants:
+        runs = []
+        for seed in range(recipe.seeds):
+            trainer = Trainer(get_preset(preset), recipe.train_config(out / preset / f"seed-{seed}", seed))
+            log(f"{label} ({preset}), seed {seed}: {recipe.steps} steps × {trainer.tc.tokens_per_step:,} tokens")
+            trainer.train()
+            runs.append(_curves(trainer.metrics))
+        final = _mean_std([r["val_loss"][-1] for r in runs])
+        speed = _mean_std([r["tokens_per_s"] for r in runs])
+        model = trainer.model
+        results["variants"].append({
+            "label": label, "preset": preset, "params": model.num_params(),
+            "non_embedding_params": model.num_params(non_embedding=True),
+            "final_val_loss": final[0], "final_val_loss_std": final[1], "tokens_per_s": speed[0],
+            "tokens_per_s_std": speed[1], "tokenizer": trainer.tokenizer.name, "runs": runs})
+        log(f"{label}: final validation loss {final[0]:.4f} ± {final[1]:.4f}, {speed[0]:,.0f} tokens/s")
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "results.md").write_text(results_table(results) + "\n")
+    _plot(results, "step", "step", out / "loss_vs_step.png")
+    _plot(results, "train_s", "training time (s, evaluation excluded)", out / "loss_vs_time.png")
+    return results
+
+
+def results_table(results: dict) -> str:
+    """Markdown table: parameters, non-embedding parameters (change vs the first row), loss, tokens/s (ratio)."""
+    rows = results["variants"]
+    base = rows[0]
+    r = results["recipe"]
+    lines = [f"{r['steps']} steps × {r['batch_size']}×{r['seq_len']} tokens, {r['seeds']} seed(s), peak LR {r['lr']}",
+             "",
+             "| block | preset | params | non-embedding params | final val loss (nats) | Δ vs first | tokens/s | speed |",
+             "|---|---|---|---|---|---|---|---|"]
+    for v in rows:
+        change = v["non_embedding_params"] / base["non_embedding_params"] - 1
+        lines.append(
+            f"| {v['label']} | `{v['preset']}` | {v['params'] / 1e6:.2f}M | {v['non_embedding_params'] / 1e6:.2f}M "
+            f"({100 * change:+.1f}%) | {v['final_val_loss']:.4f} ± {v['final_val_loss_std']:.4f} | "
+            f"{v['final_val_loss'] - base['final_val_loss']:+.4f} | {v['tokens_per_s']:,.0f} | "
+            f"{v['tokens_per_s'] / base['tokens_per_s']:.2f}× |")
+    return "\n".join(lines)
+
+
+def _plot(results: dict, x_key: str, x_label: str, path: Path) -> None:
+    """Mean validation loss over seeds (band: min to max) against `x_key` ("step" or "train_s")."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for v in results["variants"]:
+        runs = v["runs"]
+        n = min(len(r["val_loss"]) for r in runs)
+        x = [statistics.fmean(r[x_key][i] for r in runs) for i in range(n)]
+        losses = [[r["val_loss"][i] for r in runs] for i in range(n)]
+        ax.plot(x, [statistics.fmean(col) for col in losses], "o-", lw=1.5, ms=3, label=v["label"])
+        if len(runs) > 1:
+            ax.fill_between(x, [min(col) for col in losses], [max(col) for col in losses], alpha=0.2)
+    ax.set(xlabel=x_label, ylabel="validation loss (nats/token)", title="Simplified transformer blocks")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,217 @@
+"""Specification of kitelm.ops.scan: every backend of h_t = a_t ⊙ h_{t-1} + x_t matches the float64 loop
+`linear_scan_ref` in outputs and in gradients wrt a, x and h0, with and without resets and initial state."""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import warnings
+
+import pytest
+import torch
+
+from kitelm.ops import scan
+from kitelm.ops.scan import available_backends, linear_scan, linear_scan_ref
+
+BACKENDS = ["cpp", "chunked", "ref", "auto"]
+# odd T (1 = decode step, 63/65 around one chunk, 257 = 4 chunks + 1), odd D, B = 1 and 3; the two largest are big
+# enough for the cpp kernel to go parallel and, as B is not a multiple of the thread count, to split channels too
+SHAPES = [(1, 1, 7), (3, 1, 33), (3, 2, 33), (1, 63, 130), (3, 65, 7), (1, 257, 130), (3, 257, 130)]
+FP32_RTOL = 1e-5
+
+
+def require(backend: str) -> None:
+    """Skip cpp cases only when no compiler can build the extension; a build failure with a compiler is a bug."""
+    if backend != "cpp" or "cpp" in available_backends():
+        return
+    if scan._disabled_reason():
+        pytest.skip("the cpp scan is disabled by KITELM_NO_CPP")
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        pytest.skip("no C++ compiler on PATH, so the cpp scan cannot be built")
+    pytest.fail(f"a C++ compiler is present but the cpp scan did not build: {scan._load_extension()[1]}")
+
+
+def make_inputs(B, T, D, with_h0=True, with_reset=True, dtype=torch.float32, seed=0):
+    """RG-LRU-like gates a ∈ (0.5, 0.999), x ~ N(0, 1), resets at ~10 % of positions and at t = 0 of row 0."""
+    g = torch.Generator().manual_seed(seed)
+    a = (0.5 + 0.499 * torch.rand(B, T, D, generator=g)).to(dtype)
+    x = torch.randn(B, T, D, generator=g).to(dtype)
+    h0 = torch.randn(B, D, generator=g).to(dtype) if with_h0 else None
+    reset = None
+    if with_reset:
+        reset = torch.rand(B, T, generator=g) < 0.1
+        reset[0, 0] = True
+    return a, x, h0, reset
+
+
+def scan_and_grads(fn, a, x, h0, reset, seed=1):
+    """(h, h_last, da, dx, dh0) for the loss Σ h ⊙ gh + Σ h_last ⊙ gl with fixed random gh, gl."""
+    leaves = [t.detach().clone().requires_grad_() for t in (a, x) + ((h0,) if h0 is not None else ())]
+    h, h_last = fn(*leaves[:2], leaves[2] if h0 is not None else None, reset)
+    g = torch.Generator().manual_seed(seed)
+    gh = torch.randn(h.shape, generator=g).to(h.dtype)
+    gl = torch.randn(h_last.shape, generator=g).to(h_last.dtype)
+    grads = torch.autograd.grad((h * gh).sum() + (h_last * gl).sum(), leaves, materialize_grads=True)
+    return (h, h_last, *grads) + ((None,) if h0 is None else ())
+
+
+def reference(a, x, h0, reset):
+    """scan_and_grads of the float64 loop on the same values."""
+    as64 = [None if t is None else t.double() for t in (a, x, h0)]
+    return scan_and_grads(linear_scan_ref, *as64, reset)
+
+
+def assert_close_relative(actual, expected, rtol, name):
+    """max |actual - expected| ≤ rtol · max |expected| (relative to the tensor's scale, in float64)."""
+    error = (actual.double() - expected).abs().max().item()
+    scale = expected.abs().max().item()
+    assert error <= rtol * scale, f"{name}: max error {error:.3g} exceeds {rtol:g} × scale {scale:.3g}"
+
+
+def assert_matches_reference(results, expected, rtol):
+    for name, actual, want in zip(("h", "h_last", "da", "dx", "dh0"), results, expected):
+        if want is not None:
+            assert_close_relative(actual, want, rtol, name)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("with_h0", [False, True], ids=["zero_h0", "h0"])
+@pytest.mark.parametrize("with_reset", [False, True], ids=["no_reset", "reset"])
+def test_fp32_outputs_and_grads_match_float64_reference(backend, shape, with_h0, with_reset):
+    require(backend)
+    a, x, h0, reset = make_inputs(*shape, with_h0, with_reset)
+    results = scan_and_grads(functools.partial(linear_scan, backend=backend), a, x, h0, reset)
+    assert_matches_reference(results, reference(a, x, h0, reset), FP32_RTOL)
+    h, h_last = results[:2]
+    assert h.dtype == h_last.dtype == torch.float32
+    assert torch.equal(h_last, h[:, -1])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_inputs(backend):
+    require(backend)
+    B, T, D = 3, 65, 33
+    a, x, h0, reset = make_inputs(B, T, D)
+    # same values, transposed storage
+    a_t, x_t = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (a, x))
+    h0_t, reset_t = h0.t().contiguous().t(), reset.t().contiguous().t()
+    assert not any(t.is_contiguous() for t in (a_t, x_t, h0_t, reset_t))
+    results = scan_and_grads(functools.partial(linear_scan, backend=backend), a_t, x_t, h0_t, reset_t)
+    assert_matches_reference(results, reference(a, x, h0, reset), FP32_RTOL)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_float64_inputs_stay_float64(backend):
+    require(backend)
+    a, x, h0, reset = make_inputs(3, 65, 33, dtype=torch.float64)
+    results = scan_and_grads(functools.partial(linear_scan, backend=backend), a, x, h0, reset)
+    assert results[0].dtype == results[1].dtype == torch.float64
+    assert_matches_reference(results, reference(a, x, h0, reset), 1e-12)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bf16_inputs_accumulate_in_fp32(backend):
+    require(backend)
+    a, x, h0, reset = make_inputs(3, 257, 33)
+    x = x.bfloat16()  # RG-LRU: fp32 gates, activations in the model dtype
+    h, h_last, da, dx, dh0 = scan_and_grads(functools.partial(linear_scan, backend=backend), a, x, h0, reset)
+    want = reference(a, x, h0, reset)
+    assert h.dtype == dx.dtype == torch.bfloat16 and h_last.dtype == torch.float32
+    # the state never passes through bf16: only the returned h is rounded
+    assert_close_relative(h_last, want[1], FP32_RTOL, "h_last")
+    assert_close_relative(h, want[0], 2**-8, "h")
+    assert_close_relative(da, want[2], 2**-7, "da")
+    assert_close_relative(dh0, want[4], 2**-7, "dh0")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_reset_drops_state_and_zeroes_gate_gradient(backend):
+    require(backend)
+    a, x, h0, _ = make_inputs(2, 9, 16)
+    reset = torch.zeros(2, 9, dtype=torch.bool)
+    reset[:, 0] = reset[1, 5] = True
+    h, _, da, _, dh0 = scan_and_grads(functools.partial(linear_scan, backend=backend), a, x, h0, reset)
+    assert torch.equal(h[:, 0], x[:, 0]) and torch.equal(h[1, 5], x[1, 5])
+    assert torch.all(da[:, 0] == 0) and torch.all(da[1, 5] == 0) and torch.all(dh0 == 0)
+
+
+def test_decode_steps_match_full_scan():
+    a, x, h0, reset = make_inputs(3, 20, 33)
+    h_full, last_full = linear_scan(a, x, h0, reset)
+    state, steps = h0, []
+    for t in range(20):
+        h_t, state = linear_scan(a[:, t : t + 1], x[:, t : t + 1], state, reset[:, t : t + 1])
+        steps.append(h_t)
+    torch.testing.assert_close(torch.cat(steps, dim=1), h_full)
+    torch.testing.assert_close(state, last_full)
+
+
+def test_auto_prefers_cpp_then_chunked_and_steps_for_single_token():
+    x = torch.zeros(2, 8, 4)
+    assert scan._resolve_backend("auto", x) == ("cpp" if "cpp" in available_backends() else "chunked")
+    assert scan._resolve_backend("auto", x[:, :1]) == "step"
+
+
+def test_no_cpp_env_falls_back_to_chunked(monkeypatch):
+    monkeypatch.setenv("KITELM_NO_CPP", "1")
+    assert "cpp" not in available_backends()
+    a, x, h0, reset = make_inputs(3, 65, 33)
+    assert scan._resolve_backend("auto", x) == "chunked"
+    with pytest.raises(RuntimeError, match="KITELM_NO_CPP"):
+        linear_scan(a, x, backend="cpp")
+    results = scan_and_grads(linear_scan, a, x, h0, reset)
+    assert_matches_reference(results, reference(a, x, h0, reset), FP32_RTOL)
+
+
+def test_build_failure_warns_once_and_falls_back(monkeypatch):
+    def broken_build():
+        raise RuntimeError(
+            "Error building extension 'kitelm_linear_scan': [1/2] c++ -O3 -c linear_scan.cpp\n"
+            "FAILED: linear_scan.o\n/bin/sh: 1: c++: not found\nninja: build stopped: subcommand failed."
+        )
+
+    monkeypatch.setattr(scan, "_build_extension", broken_build)
+    monkeypatch.setattr(scan, "_load_extension", functools.cache(scan._load_extension.__wrapped__))
+    monkeypatch.delenv("KITELM_NO_CPP", raising=False)
+    a, x, h0, reset = make_inputs(3, 65, 33)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        results = scan_and_grads(linear_scan, a, x, h0, reset)
+        linear_scan(a, x)
+    assert len(caught) == 1
+    assert "'chunked'" in str(caught[0].message) and "/bin/sh: 1: c++: not found" in str(caught[0].message)
+    assert available_backends() == ["chunked", "ref"]
+    assert_matches_reference(results, reference(a, x, h0, reset), FP32_RTOL)
+
+
+def test_env_var_forces_backend(monkeypatch):
+    x = torch.zeros(2, 8, 4)
+    monkeypatch.setenv("KITELM_SCAN_BACKEND", "ref")
+    assert scan._resolve_backend("auto", x) == "ref"
+    assert scan._resolve_backend("chunked", x) == "chunked"  # an explicit argument wins
+    monkeypatch.setenv("KITELM_SCAN_BACKEND", "fast")
+    with pytest.raises(ValueError, match="unknown scan backend 'fast'"):
+        linear_scan(x, x)
+
+
+@pytest.mark.parametrize(
+    ("a_shape", "h0_shape", "reset", "message"),
+    [
+        ((2, 8, 5), None, None, "a and x must both be"),
+        ((2, 8, 4), (2, 5), None, "h0 must be"),
+        ((2, 8, 4), None, torch.zeros(2, 8), "reset must be a bool"),
+        ((2, 8, 4), None, torch.zeros(2, 7, dtype=torch.bool), "reset must be a bool"),
+    ],
+)
+def test_invalid_inputs_raise_actionable_errors(a_shape, h0_shape, reset, message):
+    x = torch.zeros(2, 8, 4)
+    h0 = None if h0_shape is None else torch.zeros(h0_shape)
+    with pytest.raises(ValueError, match=message):
+        linear_scan(torch.zeros(a_shape), x, h0, reset)
+
+
+def test_empty_sequence_is_rejected():
+    with pytest.raises(ValueError, match="T == 0"):
+        linear_scan(torch.zeros(2, 0, 4), torch.zeros(2, 0, 4))
