@@ -11,7 +11,7 @@ import sys
 
 from .errors import KitelmError
 
-DEFAULT_MODEL = "transformer-small"
+DEFAULT_MODEL = "transformer-mini"
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
@@ -182,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="train a model (default: transformer-small on the Python standard library)")
+    p = sub.add_parser("train", help="train a model (default: transformer-mini on the Python standard library)")
     _add_train_args(p)
     p.set_defaults(func=cmd_train)
 

