@@ -250,3 +250,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("kitelm: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into `head` and the like
+        sys.stderr.close()
+        return 0
