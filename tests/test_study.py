@@ -12,7 +12,7 @@ def test_recipe_follows_the_papers_optimiser_and_schedule(tmp_path):
     assert tc.schedule == "linear" and tc.min_lr_ratio == 0.0 and tc.warmup_steps == tc.steps // 20
     assert tc.seq_len == 128 and tc.seed == 2
     assert [preset for _, preset in BLOCK_VARIANTS] == ["preln-small", "parallel-small", "sas-small", "sas-p-small",
-                                                        "sas-p-nonorm-small"]
+                                                        "sas-p-nonorm-small", "griffin-small", "griffin-sas-small"]
 
 
 def test_curves_measure_training_time_without_evaluation():

@@ -167,6 +167,14 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_reproduce(args) -> int:
+    from .reproduce import run_reproduce
+
+    report = run_reproduce(args.out, args.budget_minutes)
+    print(f"report: {report}")
+    return 0
+
+
 def _human(n: int) -> str:
     for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
         if n >= scale:
@@ -215,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("study", help="train and compare architectures under one recipe (blocks: Pre-LN, Parallel, "
-                       "SAS, SAS-P, SAS-P without norm)")
+                       "SAS, SAS-P, SAS-P without norm, Griffin, Griffin-SAS)")
     p.add_argument("name", choices=["blocks"], help="which study")
     p.add_argument("--steps", type=int, help="training steps per run (default 1000; 20 with --quick)")
     p.add_argument("--seeds", type=int, help="seeds per variant (default 3; 1 with --quick)")
@@ -228,6 +236,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="small sizes: about two minutes in all")
     p.add_argument("--out", default="benchmarks/results/latest", help="results folder")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("reproduce", help="measure the papers' claims on this machine: REPORT.md with a verdict "
+                       "per claim (resumable: finished experiments are skipped)")
+    p.add_argument("--budget-minutes", type=float, default=60.0, help="time to scale the experiments to "
+                   "(default 60)")
+    p.add_argument("--out", default="runs/reproduce", help="output folder (default runs/reproduce)")
+    p.set_defaults(func=cmd_reproduce)
 
     p = sub.add_parser("presets", help="list model presets with parameter counts")
     p.set_defaults(func=cmd_presets)

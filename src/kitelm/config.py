@@ -44,6 +44,7 @@ class ModelConfig:
     conv_width: int = 4  # temporal width of the recurrent block's depthwise causal Conv1D
     attention_window: int = 2048  # local attention: a query sees itself and the `attention_window` tokens before it
     block_pattern: str = "RRA"  # cycled over the layers: R = recurrent block, A = local attention (Hawk: "R")
+    attention_kind: str = "mqa"  # the A blocks: mqa (Griffin's local MQA) | shaped (value-free shaped attention, SAS)
     embed_scale_sqrt: bool = False  # multiply input embeddings by bf16(sqrt(width)) (RecurrentGemma only)
     # --- Simplified-block options (He & Hofmann 2023) ------------------------------------------------------------
     # (arch="simplified"; models/simplified.py maps the paper's variants to these fields)

@@ -29,6 +29,12 @@ register_preset(ModelConfig(name="griffin-small", width=256, n_layers=6, n_heads
                             attention_window=128, max_seq_len=256, **_GRIFFIN))
 register_preset(ModelConfig(name="hawk-small", width=256, n_layers=6, n_heads=4, mlp_hidden=768, block_pattern="R",
                             max_seq_len=256, **_GRIFFIN))
+# Griffin-SAS (issue 4 item 6): griffin-tiny / griffin-small with the simplified (shaped, value- and projection-free)
+# local attention as the A block: each A block drops W_V and W_final (D·hd + D² + D parameters) and adds 3·H gains.
+register_preset(ModelConfig(name="griffin-sas-tiny", width=64, n_layers=3, n_heads=4, mlp_hidden=192,
+                            attention_window=16, max_seq_len=128, attention_kind="shaped", **_GRIFFIN))
+register_preset(ModelConfig(name="griffin-sas-small", width=256, n_layers=6, n_heads=4, mlp_hidden=768,
+                            attention_window=128, max_seq_len=256, attention_kind="shaped", **_GRIFFIN))
 # The paper's 7B presets (GDM common.py Preset.GRIFFIN_PAPER_7B / HAWK_PAPER_7B): no embedding scale, no soft-cap.
 _PAPER_7B = dict(width=4096, n_layers=32, n_heads=32, mlp_hidden=12288, lru_width=5632, attention_window=1024,
                  vocab_size=256_000, max_seq_len=2048, **_GRIFFIN)

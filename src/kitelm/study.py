@@ -2,9 +2,12 @@
 
 The blocks study reproduces, at CPU scale, the comparison of He & Hofmann 2023 (Figs. 5 and 26): Pre-LN, Parallel,
 SAS, SAS-P and SAS-P without norm trained for the same steps and tokens over several seeds, with the reference's
-optimiser (brief `simplified.md` §4, §7). It writes `results.json`, `results.md` (parameters, final validation loss
-mean ± std, training tokens/s) and `loss_vs_step.png`, `loss_vs_time.png`. Wall-clock is training time only:
-evaluation and checkpointing are left out, as in the trainer's tokens/s.
+optimiser (brief `simplified.md` §4, §7). Griffin (`griffin-small`) and Griffin-SAS (`griffin-sas-small`, the SAS
+attention as Griffin's local attention block, issue 4 item 6) follow in the same run and table, so the one command
+`kitelm study blocks` compares both the paper's blocks and the simplified attention inside Griffin's block pattern.
+It writes `results.json`, `results.md` (parameters, final validation loss mean ± std, training tokens/s) and
+`loss_vs_step.png`, `loss_vs_time.png`. Wall-clock is training time only: evaluation and checkpointing are left out,
+as in the trainer's tokens/s.
 """
 
 from __future__ import annotations
@@ -19,14 +22,16 @@ from .config import get_preset
 from .errors import ConfigError
 from .train.trainer import TrainConfig, Trainer
 
-# (label, preset). Issue 4 item 6: append ("Griffin", "griffin-small") and ("Griffin-SAS", "griffin-sas-small") here
-# once the Griffin block pattern can take the simplified attention layer; everything below works for any preset.
+# (label, preset); everything below works for any preset. Griffin and Griffin-SAS (issue 4 item 6) run in the same
+# study, so the simplified attention is compared inside Griffin's (R, R, A) pattern under the same recipe.
 BLOCK_VARIANTS = (
     ("Pre-LN", "preln-small"),
     ("Parallel", "parallel-small"),
     ("SAS", "sas-small"),
     ("SAS-P", "sas-p-small"),
     ("SAS-P, no norm", "sas-p-nonorm-small"),
+    ("Griffin", "griffin-small"),
+    ("Griffin-SAS", "griffin-sas-small"),
 )
 
 
@@ -42,6 +47,7 @@ class StudyRecipe:
     lr: float = 1e-3
     eval_points: int = 10  # validation evaluations per run
     eval_tokens: int = 32_768
+    data: str | None = None  # text file, folder or glob; None = the Python standard library
 
     @classmethod
     def quick(cls) -> "StudyRecipe":
@@ -50,9 +56,9 @@ class StudyRecipe:
 
     def train_config(self, out_dir: Path, seed: int) -> TrainConfig:
         every = max(1, self.steps // self.eval_points)
-        return TrainConfig(out_dir=str(out_dir), steps=self.steps, batch_size=self.batch_size, seq_len=self.seq_len,
-                           lr=self.lr, min_lr_ratio=0.0, warmup_steps=max(1, self.steps // 20), schedule="linear",
-                           weight_decay=0.1, beta1=0.9, beta2=0.999, grad_clip=1.0, eval_every=every,
+        return TrainConfig(out_dir=str(out_dir), data=self.data, steps=self.steps, batch_size=self.batch_size,
+                           seq_len=self.seq_len, lr=self.lr, min_lr_ratio=0.0, warmup_steps=max(1, self.steps // 20),
+                           schedule="linear", weight_decay=0.1, beta1=0.9, beta2=0.999, grad_clip=1.0, eval_every=every,
                            eval_tokens=self.eval_tokens, save_every=self.steps, keep_last=1,
                            log_every=max(1, min(5, every)), seed=seed)
 

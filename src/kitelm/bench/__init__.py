@@ -36,6 +36,7 @@ class BenchSettings:
     rss_max_len: int = 16384
     scan_shapes: list[tuple[int, int, int]] = field(default_factory=lambda: [(8, 4096, 1024), (8, 1024, 256)])
     dtype: str = "float32"
+    peers: bool = True  # also measure the installed HF peers (train, sample)
 
     @classmethod
     def quick(cls) -> "BenchSettings":
@@ -106,10 +107,10 @@ def run_bench(names: list[str], out: str | Path, settings: BenchSettings,
             results[name] = params.run(log)
         elif name == "train":
             results[name] = train.run(settings.train_models, settings.batch_size, settings.seq_len, peak,
-                                      settings.repeats, log)
+                                      settings.repeats, log, settings.peers)
         elif name == "sample":
             results[name] = sample.run(settings.sample_models, settings.prompt_len, settings.lengths,
-                                       settings.peer_max_len, log)
+                                       settings.peer_max_len, log, settings.peers)
         elif name == "memory":
             results[name] = memory.run(settings.memory_models, settings.memory_lengths, settings.rss_max_len, log)
         elif name == "scan":

@@ -27,7 +27,8 @@ def allocator_configured() -> bool:
 def reexec_with_allocator_env() -> None:
     """Restart the current command with ALLOCATOR_ENV (glibc reads it only at start-up); no-op if already set."""
     if not allocator_configured():
-        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **ALLOCATOR_ENV})
+        # orig_argv keeps `-m kitelm` (argv[0] would be the path of __main__.py)
+        os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], {**os.environ, **ALLOCATOR_ENV})
 
 
 def time_runs(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> tuple[float, float]:

@@ -56,7 +56,8 @@ def _summarise(start: float, times: list[float], lengths: list[int]) -> list[dic
     return out
 
 
-def run(models: list[str], prompt_len: int, lengths: list[int], peer_max_len: int, log) -> list[dict]:
+def run(models: list[str], prompt_len: int, lengths: list[int], peer_max_len: int, log,
+        peers: bool = True) -> list[dict]:
     rows = []
     torch.manual_seed(0)
     for name in models:
@@ -64,7 +65,7 @@ def run(models: list[str], prompt_len: int, lengths: list[int], peer_max_len: in
         prompt = torch.randint(0, config.vocab_size, (prompt_len,)).tolist()
         ours = build_model(config).eval()
         candidates = [("kitelm", ours, _arrivals_ours, max(lengths))]
-        peer = peer_for(config)
+        peer = peer_for(config) if peers else None
         if peer is not None:  # HF's growing caches make very long runs take hours: capped at peer_max_len
             candidates.append((peer[0], peer[1], _arrivals_hf, min(max(lengths), peer_max_len)))
         for impl, model, arrivals, n in candidates:

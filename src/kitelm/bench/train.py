@@ -27,7 +27,8 @@ def _step_fn(model, batch: torch.Tensor, hf: bool):
     return step
 
 
-def run(models: list[str], batch_size: int, seq_len: int, peak_flops: float, repeats: int, log) -> list[dict]:
+def run(models: list[str], batch_size: int, seq_len: int, peak_flops: float, repeats: int, log,
+        peers: bool = True) -> list[dict]:
     rows = []
     for name in models:
         config = get_preset(name)
@@ -35,7 +36,7 @@ def run(models: list[str], batch_size: int, seq_len: int, peak_flops: float, rep
         flops = ours.flops_per_token(seq_len)
         batch = torch.randint(0, config.vocab_size, (batch_size, seq_len + 1))
         candidates = [("kitelm", ours, False)]
-        peer = peer_for(config)
+        peer = peer_for(config) if peers else None
         if peer is not None:
             candidates.append((peer[0], peer[1].train(), True))
         for impl, model, hf in candidates:

@@ -10,11 +10,14 @@ documents are `cumsum(segment_pos == 0)` (GDM torch/modules.py:129-150), so pack
 
 The full-sequence forward is blocked: queries in blocks of `block` tokens each see at most window + block keys, so
 memory grows as T × window, never T × T. The same code continues a `RingKVCache` with a chunk of any length.
+`local_attend` holds this mask and ring machinery; the shaped, value-free variant (`shaped_attention.py`,
+`LocalShapedAttention`) reuses it with its own attention matrix.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -27,16 +30,18 @@ class RingKVCache(nn.Module):
     """The last `window` keys/values of one local-attention layer: `k, v [B, H_kv, window, hd]`; the token seen at
     step τ (counting every token, pads included) lives in slot τ mod window. `segment [B, window]` is each slot's
     document id (−1 = empty), `last_segment [B]` the id of the latest token, `count` the number of tokens seen.
-    Its size does not depend on `count`.
+    Its size does not depend on `count`. `value_heads` (default `kv_heads`) sets the heads of `v`: the shaped
+    attention stores its values, the normalised inputs split into all n_heads heads, as `v [B, n_heads, window, hd]`.
 
     GDM's ring (torch/modules.py:187-223, :256-286) counts each row's real tokens (`segment_pos[-1] + 1`) and cannot
     take chunks; counting every step and storing document ids instead makes any chunk continue the state exactly."""
 
     def __init__(self, batch: int, kv_heads: int, window: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device | str | None = None):
+                 dtype: torch.dtype, device: torch.device | str | None = None, value_heads: int | None = None):
         super().__init__()
+        value_heads = kv_heads if value_heads is None else value_heads
         self.register_buffer("k", torch.zeros(batch, kv_heads, window, head_dim, dtype=dtype, device=device))
-        self.register_buffer("v", torch.zeros(batch, kv_heads, window, head_dim, dtype=dtype, device=device))
+        self.register_buffer("v", torch.zeros(batch, value_heads, window, head_dim, dtype=dtype, device=device))
         self.register_buffer("segment", torch.full((batch, window), -1, dtype=torch.long, device=device))
         self.register_buffer("last_segment", torch.zeros(batch, dtype=torch.long, device=device))
         self.count = 0
@@ -63,6 +68,42 @@ class RingKVCache(nn.Module):
 
     def nbytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in (self.k, self.v, self.segment, self.last_segment))
+
+
+Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def local_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment_pos: torch.Tensor,
+                 cache: RingKVCache | None, window: int, block: int, attend: Attend) -> torch.Tensor:
+    """Blocked sliding-window attention: q [B, H, T, hd], k [B, H_k, T, hd], v [B, H_v, T, hd_v], segment_pos [B, T]
+    → [B, H, T, hd_v], continuing and then updating `cache` (its keys/values are prepended where in the window).
+
+    For each block of at most `block` queries and its S ≤ window + block keys, `attend(q_blk, k_blk, v_blk, mask,
+    identity)` mixes the values: mask [B, 1, Tq, S] is M (True = same document ∧ k ≤ q ≤ k + window), identity
+    [B, 1, Tq, S] is True where the key is the query's own token (the I of shaped attention). Every query sees itself,
+    so no row of the mask is empty."""
+    b, t = segment_pos.shape
+    segment = torch.cumsum(segment_pos == 0, dim=1)  # document ids (GDM torch/modules.py:143)
+    start = 0
+    if cache is not None:
+        start, segment = cache.count, segment + cache.last_segment[:, None]
+    steps = start + torch.arange(t, device=q.device)  # token counts: the window is measured in these
+    outs = []
+    for s in range(0, t, block):
+        e = min(s + block, t)
+        lo = max(0, s - window)
+        ks, vs, k_seg, k_step = k[:, :, lo:e], v[:, :, lo:e], segment[:, lo:e], steps[lo:e].expand(b, -1)
+        if cache is not None and cache.count > 0 and s < window:  # the ring holds keys in the window
+            ks, vs = torch.cat([cache.k.to(k.dtype), ks], 2), torch.cat([cache.v.to(v.dtype), vs], 2)
+            k_seg = torch.cat([cache.segment, k_seg], 1)
+            k_step = torch.cat([cache.slot_steps().expand(b, -1), k_step], 1)
+        q_step, q_seg = steps[s:e][None, :, None], segment[:, s:e, None]
+        k_step, k_seg = k_step[:, None, :], k_seg[:, None, :]
+        mask = (q_seg == k_seg) & (k_step <= q_step) & (q_step <= k_step + window)  # [B, Tq, S]
+        outs.append(attend(q[:, :, s:e], ks, vs, mask[:, None], (k_step == q_step)[:, None]))
+    if cache is not None:
+        cache.write(k, v, segment)
+    return torch.cat(outs, 2) if len(outs) > 1 else outs[0]
 
 
 class LocalAttention(nn.Module):
@@ -93,28 +134,10 @@ class LocalAttention(nn.Module):
         q = self.rope(self.proj_q(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2), segment_pos)
         k = self.rope(self.proj_k(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2), segment_pos)
         v = self.proj_v(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
-        segment = torch.cumsum(segment_pos == 0, dim=1)  # document ids (GDM torch/modules.py:143)
-        start = 0
-        if cache is not None:
-            start, segment = cache.count, segment + cache.last_segment[:, None]
-        steps = start + torch.arange(t, device=x.device)  # token counts: the window is measured in these
-        outs = []
-        for s in range(0, t, self.block):
-            e = min(s + self.block, t)
-            lo = max(0, s - self.window)
-            ks, vs, k_seg, k_step = k[:, :, lo:e], v[:, :, lo:e], segment[:, lo:e], steps[lo:e].expand(b, -1)
-            if cache is not None and cache.count > 0 and s < self.window:  # the ring holds keys in the window
-                ks, vs = torch.cat([cache.k.to(k.dtype), ks], 2), torch.cat([cache.v.to(v.dtype), vs], 2)
-                k_seg = torch.cat([cache.segment, k_seg], 1)
-                k_step = torch.cat([cache.slot_steps().expand(b, -1), k_step], 1)
-            q_step, q_seg = steps[s:e][None, :, None], segment[:, s:e, None]
-            k_step, k_seg = k_step[:, None, :], k_seg[:, None, :]
-            # [B, Tq, S]; every query sees itself, so no row is empty and SDPA's −inf acts as GDM's −2.38e38 fill
-            # (torch/modules.py:28)
-            mask = (q_seg == k_seg) & (k_step <= q_step) & (q_step <= k_step + self.window)
-            outs.append(F.scaled_dot_product_attention(q[:, :, s:e], ks, vs, attn_mask=mask[:, None],
-                                                       enable_gqa=self.kv_heads != self.n_heads))
-        if cache is not None:
-            cache.write(k, v, segment)
-        y = torch.cat(outs, 2) if len(outs) > 1 else outs[0]
+        y = local_attend(q, k, v, segment_pos, cache, self.window, self.block, self._attend)
         return self.proj_final(y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                identity: torch.Tensor) -> torch.Tensor:
+        """softmax(q kᵀ/√hd + M) v; SDPA's −inf acts as GDM's −2.38e38 fill (torch/modules.py:28)."""
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.kv_heads != self.n_heads)

@@ -11,7 +11,8 @@ Per head h, with X_h the head's slice of the values and A_h = softmax(Q_h K_hᵀ
 C is the constant centring matrix, "the post-softmax matrix with zero Q-K dot product" (the authors in
 bobby-he/simplified_transformers#3): softmax(0 + M), i.e. C_ij = 1/i for j ≤ i (1-indexed) without padding, and the
 uniform distribution over each query's visible keys with padding or a KV cache. I is 1 where the key is the query's
-own cache slot. Both are added after the softmax, as in the reference code's `_attn`. Every row of Ã sums to α_h.
+own cache slot. Both are added after the softmax, as in the reference code's `_attn`. Every row of Ã sums to
+α_h + β_h − γ_h (α_h while β_h = γ_h, as at init).
 
 Values and projections (`values`):
     linear       trainable W^V, W^P, N(0, init_std) (the Pre-LN baseline)
@@ -20,6 +21,10 @@ Values and projections (`values`):
                  layer keeps W^V = α_V·I + β_V·ΔW (App. C, `ReparamLinear`)
 
 With `shaped`/`skipinit`, W^Q (and its bias) start at 0, so logits are 0, A = C and Ã = α·I at init (β = γ).
+
+`LocalShapedAttention` is the same shaped, value/projection-free attention inside Griffin's block pattern
+(`attention_kind="shaped"`, the `griffin-sas-*` presets): Griffin's sliding window and multi-query keys, the mask and
+ring-cache machinery of `local_attention.py`, M and C restricted to the window.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from torch import nn
 
 from ..cache import KVCache
 from .attention import causal_mask
+from .local_attention import RingKVCache, local_attend
 from .rope import RotaryEmbedding
 
 ATTENTION_MATRICES = ("softmax", "shaped", "skipinit")
@@ -40,8 +46,9 @@ def shaped_attention_matrix(logits: torch.Tensor, mask: torch.Tensor, identity: 
                             beta: torch.Tensor, gamma: torch.Tensor | None) -> torch.Tensor:
     """Ã = α·I + β·softmax(logits + M) − γ·C, all [B, H, Tq, Tk].
 
-    logits [B, H, Tq, Tk] (already scaled by 1/√d_k); mask [B, 1, Tq, Tk] (True = visible); identity [Tq, Tk]
-    (True where the key slot is the query's slot); alpha, beta, gamma [H] per-head gains (gamma None = no centring).
+    logits [B, H, Tq, Tk] (already scaled by 1/√d_k); mask [B, 1, Tq, Tk] (True = visible); identity [Tq, Tk] or
+    [B, 1, Tq, Tk] (True where the key slot is the query's slot); alpha, beta, gamma [H] per-head gains (gamma
+    None = no centring).
     C = softmax(0 + M) is the row-uniform distribution over visible keys. The sum is ordered (β·A − γ·C) + α·I so that
     at init (zero logits, β = γ) the result is exactly I in floating point.
     """
@@ -153,3 +160,58 @@ class ShapedAttention(nn.Module):
             count = torch.arange(1, v.shape[2] + 1, device=v.device, dtype=v.dtype).view(1, 1, -1, 1)
             y = y - self.gamma.view(1, -1, 1, 1) * (v.cumsum(2) / count)
         return y + self.alpha.view(1, -1, 1, 1) * v
+
+
+class LocalShapedAttention(nn.Module):
+    """Griffin-SAS's attention block: x [B, T, D] (the block's normalised input), segment_pos [B, T] (0 = document
+    start, −1 = pad), `RingKVCache` → [B, T, D]. With D = H·hd, head h's values are x's h-th slice of hd channels:
+
+        q = RoPE(x W_q) [B, H, T, hd],  k = RoPE(x W_k) [B, H_kv, T, hd]     Griffin's multi-query keys (H_kv = 1)
+        Ã_h = α_h·I + β_h·softmax(q_h kᵀ/√hd + M) − γ_h·C,   y_h = Ã_h · x_h   no W_V, no output projection
+        M[q, k] = 0  iff  same document ∧ k ≤ q ≤ k + window, else −∞           (`local_attention.py`)
+        C[q, k] = [M[q, k] = 0] / #{k' : M[q, k'] = 0}                          uniform over the visible window
+
+    so every row of Ã_h sums to α_h + β_h − γ_h over the visible window (α_h while β_h = γ_h). α_h, β_h, γ_h start
+    at 1 without weight decay; W_q = 0 at init makes the softmax equal C, hence Ã_h = I and y = x (He & Hofmann 2023,
+    Sec. 4.2). W_k ~ N(0, 1/D) as Griffin's. The forward is blocked as the plain local attention (memory T × window);
+    the ring cache stores the inputs x as the values, `v [B, H, window, hd]` (`RingKVCache(..., value_heads=H)`)."""
+
+    def __init__(self, width: int, n_heads: int, kv_heads: int, head_dim: int, window: int,
+                 rope_base: float = 10_000.0, rope_fraction: float = 0.5):
+        super().__init__()
+        if n_heads * head_dim != width:
+            raise ValueError(f"identity values need n_heads·head_dim = width, got {n_heads}·{head_dim} ≠ {width}")
+        self.n_heads, self.kv_heads, self.head_dim, self.window = n_heads, kv_heads, head_dim, window
+        self.block = max(window, 64)  # query block length of the blocked forward
+        self.proj_q = nn.Linear(width, n_heads * head_dim, bias=False)
+        self.proj_k = nn.Linear(width, kv_heads * head_dim, bias=False)
+        self.rope = RotaryEmbedding(head_dim, rope_base, rope_fraction)
+        self.alpha = nn.Parameter(torch.ones(n_heads))
+        self.beta = nn.Parameter(torch.ones(n_heads))
+        self.gamma = nn.Parameter(torch.ones(n_heads))
+        for gain in (self.alpha, self.beta, self.gamma):
+            gain.no_weight_decay = True
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """W_q = 0 (Ã = I at init); W_k ~ N(0, 1/D) (GDM LocalAttentionBlock)."""
+        nn.init.zeros_(self.proj_q.weight)
+        nn.init.normal_(self.proj_k.weight, std=self.proj_k.in_features**-0.5)
+
+    def forward(self, x: torch.Tensor, segment_pos: torch.Tensor, cache: RingKVCache | None = None) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = self.rope(self.proj_q(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2), segment_pos)
+        k = self.rope(self.proj_k(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2), segment_pos)
+        v = x.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+        y = local_attend(q, k, v, segment_pos, cache, self.window, self.block, self._attend)
+        return y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim)
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                identity: torch.Tensor) -> torch.Tensor:
+        """q [B, H, Tq, hd], k [B, H_kv, S, hd], v [B, H, S, hd] → Ã v [B, H, Tq, hd]; query head h reads key head
+        h // (H / H_kv), as SDPA's grouped-query attention."""
+        b, _, tq, hd = q.shape
+        group = self.n_heads // self.kv_heads
+        logits = q.view(b, self.kv_heads, group, tq, hd) @ k[:, :, None].transpose(-1, -2)
+        logits = logits.view(b, self.n_heads, tq, -1) * hd**-0.5
+        return shaped_attention_matrix(logits, mask, identity, self.alpha, self.beta, self.gamma) @ v

@@ -6,7 +6,10 @@
 
 Deltas from the baseline transformer (`transformer.py`):
 - the temporal block cycles through `block_pattern`: R = recurrent block, A = local MQA (`layers/local_attention.py`);
-  Hawk is "R" only. Recurrent block (GDM torch/modules.py:496-680):
+  Hawk is "R" only. With `attention_kind="shaped"` (Griffin-SAS, issue 4 item 6) A is instead the local shaped
+  attention of He & Hofmann 2023 (`layers/shaped_attention.py` LocalShapedAttention): α·I + β·softmax(QKᵀ/√d + M) − γ·C
+  over the window, identity values and no output projection, so the block is the identity of its input at init.
+  Recurrent block (GDM torch/modules.py:496-680):
       y = gelu_tanh(W_y x + b_y);  u = RG-LRU(Conv1D(W_x x + b_x));  out = W_out(u ⊙ y) + b_out
 - RMSNorm with gain (1 + scale), scale initialised to 0, in the input dtype (GDM torch/layers.py:30-73);
 - GeGLU MLP with biases, hidden 3·D (GDM torch/modules.py:683-752: gate = branch 0, value = branch 1);
@@ -29,9 +32,11 @@ from ..layers.local_attention import LocalAttention, RingKVCache
 from ..layers.mlp import MLP
 from ..layers.norms import RMSNorm
 from ..layers.rglru import RGLRU
+from ..layers.shaped_attention import LocalShapedAttention
 from .base import LanguageModel
 
 BLOCK_KINDS = {"R": "recurrent", "A": "attention"}
+ATTENTION_KINDS = ("mqa", "shaped")
 
 
 class RecurrentState(nn.Module):
@@ -84,6 +89,9 @@ class ResidualBlock(nn.Module):
         if kind == "recurrent":
             self.temporal_block = RecurrentBlock(c.width, c.lru_width or c.width, c.n_heads, c.conv_width,
                                                  final_var_scale)
+        elif c.attention_kind == "shaped":
+            self.temporal_block = LocalShapedAttention(c.width, c.n_heads, c.kv_heads, c.dim_per_head,
+                                                       c.attention_window, c.rope_base, c.rope_fraction)
         else:
             self.temporal_block = LocalAttention(c.width, c.n_heads, c.kv_heads, c.dim_per_head, c.attention_window,
                                                  c.rope_base, c.rope_fraction, final_var_scale)
@@ -133,6 +141,11 @@ class Griffin(LanguageModel):
              f"conv_width={config.conv_width!r} must be a positive integer")
         need(isinstance(config.attention_window, int) and config.attention_window >= 1,
              f"attention_window={config.attention_window!r} must be a positive integer")
+        need(config.attention_kind in ATTENTION_KINDS,
+             f"attention_kind={config.attention_kind!r} is unknown; choose one of {list(ATTENTION_KINDS)}")
+        need(config.attention_kind != "shaped" or config.n_heads * config.dim_per_head == config.width,
+             f"attention_kind='shaped' uses the input as values: n_heads·head_dim = {config.n_heads}·"
+             f"{config.dim_per_head} must equal width={config.width}")
 
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
         x = self.embed(input_ids)
@@ -143,7 +156,8 @@ class Griffin(LanguageModel):
         c = self.config
         if self.blocks[index].kind == "recurrent":
             return RecurrentState(batch_size, c.lru_width or c.width, c.conv_width, dtype, device)
-        return RingKVCache(batch_size, c.kv_heads, c.attention_window, c.dim_per_head, dtype, device)
+        value_heads = c.n_heads if c.attention_kind == "shaped" else c.kv_heads  # shaped: the input x is the value
+        return RingKVCache(batch_size, c.kv_heads, c.attention_window, c.dim_per_head, dtype, device, value_heads)
 
     def attention_flops_per_token(self, seq_len: int) -> float:
         """Scores and weighted sum over at most window + 1 keys per query, ×3 for the backward pass."""
