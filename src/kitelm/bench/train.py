@@ -17,7 +17,7 @@ def _step_fn(model, batch: torch.Tensor, hf: bool):
 
     def step():
         if hf:
-            logits = model(input_ids=batch[:, :-1]).logits
+            logits = model(input_ids=batch[:, :-1], use_cache=False).logits
         else:
             logits = model(batch[:, :-1])
         F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), batch[:, 1:].reshape(-1)).backward()
