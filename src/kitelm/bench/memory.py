@@ -5,6 +5,7 @@ since peak RSS only grows within a process)."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -37,7 +38,10 @@ def kv_cache_bytes(model, length: int) -> int:
 def _peak_rss_child(name: str, length: int) -> int:
     code = ("import json, torch; from kitelm.bench.memory import _prefill_peak; "
             f"print(json.dumps(_prefill_peak({name!r}, {length})))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    from .machine import ALLOCATOR_ENV
+
+    env = {k: v for k, v in os.environ.items() if k not in ALLOCATOR_ENV}  # the 1 GiB top pad would inflate RSS
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
