@@ -37,7 +37,8 @@ class LanguageModel(nn.Module):
         """The inference state of block `index` (or None if it keeps none)."""
         raise NotImplementedError
 
-    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def embed_tokens(self, input_ids: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
+        """Token ids [B, T] (and their positions, for models with a position table) → [B, T, D]."""
         return self.embed(input_ids)
 
     def final_norm(self, x: torch.Tensor) -> torch.Tensor:
@@ -48,7 +49,7 @@ class LanguageModel(nn.Module):
                 cache: ModelCache | None = None) -> torch.Tensor:
         if cache is not None and positions is None:
             positions = cache.next_pos[:, None] + torch.arange(input_ids.shape[1], device=input_ids.device)
-        x = self.embed_tokens(input_ids)
+        x = self.embed_tokens(input_ids, positions)
         for i, block in enumerate(self.blocks):
             x = block(x, positions, cache.layers[i] if cache is not None else None)
         logits = self.logits(self.final_norm(x))

@@ -147,7 +147,7 @@ class Griffin(LanguageModel):
              f"attention_kind='shaped' uses the input as values: n_heads·head_dim = {config.n_heads}·"
              f"{config.dim_per_head} must equal width={config.width}")
 
-    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def embed_tokens(self, input_ids: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
         x = self.embed(input_ids)
         return x * self.embed_scale if self.config.embed_scale_sqrt else x
 

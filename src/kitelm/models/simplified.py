@@ -151,20 +151,12 @@ class SimplifiedTransformer(LanguageModel):
         c = self.config
         return KVCache(batch_size, c.n_heads, capacity, c.dim_per_head, dtype, device)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, cache=None) -> torch.Tensor:
-        """input_ids [B, T], positions [B, T] (−1 = left pad) or None → logits [B, T, vocab]. As
-        `LanguageModel.forward`, plus the learned position table added to the token embeddings."""
-        if cache is not None and positions is None:
-            positions = cache.next_pos[:, None] + torch.arange(input_ids.shape[1], device=input_ids.device)
-        x = self.embed_tokens(input_ids)
+    def embed_tokens(self, input_ids: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
+        """Token embeddings plus, with `pos_embedding="learned"`, the learned position table (GPT-2's `wpe`)."""
+        x = self.embed(input_ids)
         if self.pos_embed is not None:
             x = x + self.pos_embed(self._table_positions(input_ids, positions))
-        for i, block in enumerate(self.blocks):
-            x = block(x, positions, cache.layers[i] if cache is not None else None)
-        logits = self.logits(self.final_norm(x))
-        if cache is not None:
-            cache.next_pos = positions[:, -1] + 1
-        return logits
+        return x
 
     def _table_positions(self, input_ids: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
         """Rows of the learned table: 0..T−1, or `positions` with pads (−1) reading row 0 (they are masked)."""
