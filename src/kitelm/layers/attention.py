@@ -20,6 +20,18 @@ def causal_mask(k_pos: torch.Tensor, q_slot: torch.Tensor, k_slot: torch.Tensor)
     return allowed.unsqueeze(1)
 
 
+def cached_keys_and_mask(k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, cache: KVCache | None):
+    """Append the T new `k, v [B, H_kv, T, hd]` to `cache` (if any). Returns all keys and values, the slot-causal
+    mask [B, 1, T, S] and the own-slot matrix [T, S] (True where a key is the query's own token)."""
+    start = cache.length if cache is not None else 0
+    q_slot = torch.arange(start, start + k.shape[2], device=k.device)
+    k_pos = positions
+    if cache is not None:
+        k, v, k_pos = cache.append(k, v, positions)
+    k_slot = torch.arange(k.shape[2], device=k.device)
+    return k, v, causal_mask(k_pos, q_slot, k_slot), k_slot[None, :] == q_slot[:, None]
+
+
 class Attention(nn.Module):
     """x [B, T, D] → [B, T, D].  softmax(q kᵀ/√hd + M) v with q, k rotated by RoPE; K/V shared by groups of heads."""
 
@@ -45,13 +57,6 @@ class Attention(nn.Module):
         if cache is None and plain:  # training fast path: no padding, standard causal mask
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.kv_heads != self.n_heads)
         else:
-            start = cache.length if cache is not None else 0
-            if cache is not None:
-                k, v, k_pos = cache.append(k, v, positions)
-            else:
-                k_pos = positions
-            q_slot = torch.arange(start, start + t, device=x.device)
-            k_slot = torch.arange(k.shape[2], device=x.device)
-            mask = causal_mask(k_pos, q_slot, k_slot)
+            k, v, mask, _ = cached_keys_and_mask(k, v, positions, cache)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.kv_heads != self.n_heads)
         return self.out(y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))

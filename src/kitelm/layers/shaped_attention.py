@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..cache import KVCache
-from .attention import causal_mask
+from .attention import cached_keys_and_mask
 from .local_attention import RingKVCache, local_attend
 from .rope import RotaryEmbedding
 
@@ -128,19 +128,11 @@ class ShapedAttention(nn.Module):
         if cache is None and plain:
             y = self._causal(q, k, v)
         else:
-            start = cache.length if cache is not None else 0
-            if cache is not None:
-                k, v, k_pos = cache.append(k, v, positions)
-            else:
-                k_pos = positions
-            q_slot = torch.arange(start, start + t, device=x.device)
-            k_slot = torch.arange(k.shape[2], device=x.device)
-            mask = causal_mask(k_pos, q_slot, k_slot)
+            k, v, mask, identity = cached_keys_and_mask(k, v, positions, cache)
             if self.matrix == "softmax":
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
             else:
                 logits = q @ k.transpose(-1, -2) * self.head_dim**-0.5  # keep 1/√d_k (`scale_attn_weights`)
-                identity = k_slot[None, :] == q_slot[:, None]
                 y = shaped_attention_matrix(logits, mask, identity, self.alpha, self.beta, self.gamma) @ v
         y = y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim)
         return self.out(y) if self.out is not None else y
