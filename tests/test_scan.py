@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from kitelm.ops import scan
+from kitelm.ops.extension import disabled_reason
 from kitelm.ops.scan import available_backends, linear_scan, linear_scan_ref
 
 BACKENDS = ["cpp", "chunked", "ref", "auto"]
@@ -25,11 +26,11 @@ def require(backend: str) -> None:
     """Skip cpp cases only when no compiler can build the extension; a build failure with a compiler is a bug."""
     if backend != "cpp" or "cpp" in available_backends():
         return
-    if scan._disabled_reason():
+    if disabled_reason():
         pytest.skip("the cpp scan is disabled by KITELM_NO_CPP")
     if shutil.which(os.environ.get("CXX", "c++")) is None:
         pytest.skip("no C++ compiler on PATH, so the cpp scan cannot be built")
-    pytest.fail(f"a C++ compiler is present but the cpp scan did not build: {scan._load_extension()[1]}")
+    pytest.fail(f"a C++ compiler is present but the cpp scan did not build: {scan.EXTENSION.unavailable_reason()}")
 
 
 def make_inputs(B, T, D, with_h0=True, with_reset=True, dtype=torch.float32, seed=0):
@@ -172,8 +173,8 @@ def test_build_failure_warns_once_and_falls_back(monkeypatch):
             "FAILED: linear_scan.o\n/bin/sh: 1: c++: not found\nninja: build stopped: subcommand failed."
         )
 
-    monkeypatch.setattr(scan, "_build_extension", broken_build)
-    monkeypatch.setattr(scan, "_load_extension", functools.cache(scan._load_extension.__wrapped__))
+    monkeypatch.setattr(scan.EXTENSION, "build", broken_build)
+    monkeypatch.setattr(scan.EXTENSION, "_loaded", None)
     monkeypatch.delenv("KITELM_NO_CPP", raising=False)
     a, x, h0, reset = make_inputs(3, 65, 33)
     with warnings.catch_warnings(record=True) as caught:

@@ -157,10 +157,19 @@ def cmd_study(args) -> int:
     return 0
 
 
-def cmd_bench(args) -> int:
-    from .bench import EXPERIMENTS, BenchSettings, machine, run_bench
+def _reexec_with_allocator_env(args) -> None:
+    """Restart the command with `bench.machine.ALLOCATOR_ENV` (glibc reads it only at start-up) when it came from the
+    command line; `main(argv)` called from Python (tests) keeps its process: execve would rerun sys.orig_argv."""
+    if args.from_command_line:
+        from .bench import machine
 
-    machine.reexec_with_allocator_env()
+        machine.reexec_with_allocator_env()
+
+
+def cmd_bench(args) -> int:
+    from .bench import EXPERIMENTS, BenchSettings, run_bench
+
+    _reexec_with_allocator_env(args)
     settings = BenchSettings.quick() if args.quick else BenchSettings()
     run_bench(args.experiments or list(EXPERIMENTS), args.out, settings)
     print(f"results: {args.out}/results.md, results.json and PNG plots")
@@ -168,8 +177,13 @@ def cmd_bench(args) -> int:
 
 
 def cmd_reproduce(args) -> int:
-    from .reproduce import run_reproduce
+    from .reproduce import publish, run_reproduce
 
+    if args.publish:
+        folder = publish(args.out, args.publish)
+        print(f"published {args.out} into {folder} and the results block of {args.publish}")
+        return 0
+    _reexec_with_allocator_env(args)
     report = run_reproduce(args.out, args.budget_minutes)
     print(f"report: {report}")
     return 0
@@ -242,6 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget-minutes", type=float, default=60.0, help="time to scale the experiments to "
                    "(default 60)")
     p.add_argument("--out", default="runs/reproduce", help="output folder (default runs/reproduce)")
+    p.add_argument("--publish", metavar="README", help="run nothing: copy the finished --out run (REPORT.md, "
+                   "result.json files, PNGs) into benchmarks/results/reproduce/ beside README and regenerate README's "
+                   "block between <!-- reproduce:begin --> and <!-- reproduce:end --> (claims table and plots)")
     p.set_defaults(func=cmd_reproduce)
 
     p = sub.add_parser("presets", help="list model presets with parameter counts")
@@ -251,6 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.from_command_line = argv is None
     if args.threads:
         import torch
 

@@ -16,6 +16,10 @@ interrupted run resumes where it stopped. Each result records the command, commi
 Budget. Training time is estimated as tokens × `flops_per_token` ÷ R, where R (FLOP/s) is measured by timing a few
 AdamW steps of `transformer-small` on this machine; the training steps of every experiment scale with the budget, down
 to `MIN_STEPS` (below that the run stops at once with the budget it would need).
+
+Publishing. `publish(DIR, README)` (`kitelm reproduce --out DIR --publish README.md`) runs nothing: it copies a
+finished DIR into `benchmarks/results/reproduce/` beside the README and regenerates the README's block between
+`<!-- reproduce:begin -->` and `<!-- reproduce:end -->` with the claims table and plots.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import torch
 
 from .config import get_preset
 from .errors import KitelmError
+from .study import BLOCK_VARIANTS, StudyRecipe, results_table, run_block_study
 
 DEFAULT_STEPS = 300  # training steps of every trained experiment at the reference budget
 REFERENCE_MINUTES = 60.0
@@ -48,7 +53,8 @@ class Scale:
     batch_size: int = 16
     seq_len: int = 128  # the simplified-blocks paper's context; extrapolation is evaluated up to 4× this
     data: str | None = None  # None = the Python standard library
-    block_variants: tuple = (("Pre-LN", "preln-small"), ("SAS", "sas-small"), ("SAS-P", "sas-p-small"))
+    block_variants: tuple = BLOCK_VARIANTS  # the whole `kitelm study blocks`: paper variants, Griffin, Griffin-SAS
+    block_seeds: int = 2
     throughput_models: tuple = ("preln-small", "sas-small", "sas-p-small", "transformer-small", "griffin-small")
     repeats: int = 3
     lm_models: tuple = (("Griffin", "griffin-small"), ("Transformer", "transformer-small"))
@@ -67,7 +73,8 @@ class Scale:
         """(preset, tokens, context) of every training run."""
         from .data.tasks import get_task
 
-        runs = [(p, self.steps * self.batch_size * self.seq_len, self.seq_len) for _, p in self.block_variants]
+        runs = [(p, self.steps * self.batch_size * self.seq_len, self.seq_len) for _, p in self.block_variants
+                for _ in range(self.block_seeds)]
         runs += [(p, self.steps * self.batch_size * self.seq_len, self.seq_len) for _, p in self.lm_models]
         for task in self.tasks:
             n = get_task(task).seq_len
@@ -130,10 +137,9 @@ def exp_params(scale: Scale, out: Path, log) -> dict:
 
 
 def exp_blocks(scale: Scale, out: Path, log) -> dict:
-    from .study import StudyRecipe, run_block_study
-
-    recipe = StudyRecipe(steps=scale.steps, seeds=1, batch_size=scale.batch_size, seq_len=scale.seq_len,
-                         eval_points=5, eval_tokens=16 * scale.batch_size * scale.seq_len, data=scale.data)
+    recipe = StudyRecipe(steps=scale.steps, seeds=scale.block_seeds, batch_size=scale.batch_size,
+                         seq_len=scale.seq_len, eval_points=5, eval_tokens=16 * scale.batch_size * scale.seq_len,
+                         data=scale.data)
     results = run_block_study(out, recipe, scale.block_variants, log)
     first = results["variants"][0]["preset"]
     return {"corpus": _run_json(out / first / "seed-0")["corpus"], "study": results}
@@ -169,7 +175,6 @@ def exp_sampling(scale: Scale, out: Path, log) -> dict:
 
 def exp_extrapolation(scale: Scale, out: Path, log) -> dict:
     from .evaluation import evaluate_checkpoint
-    from .study import StudyRecipe
     from .train.trainer import Trainer
 
     recipe = StudyRecipe(steps=scale.steps, batch_size=scale.batch_size, seq_len=scale.seq_len, eval_points=2,
@@ -188,7 +193,6 @@ def exp_extrapolation(scale: Scale, out: Path, log) -> dict:
 
 def exp_tasks(scale: Scale, out: Path, log) -> dict:
     from .evaluation import evaluate_checkpoint
-    from .study import StudyRecipe
     from .train.trainer import Trainer
 
     recipe = StudyRecipe(steps=scale.task_steps, batch_size=scale.batch_size, eval_points=5, eval_tokens=8192)
@@ -233,15 +237,22 @@ def claims_params(data: dict) -> list[dict]:
 
 
 def claims_blocks(data: dict) -> list[dict]:
-    variants = data["study"]["variants"]
-    base = variants[0]
-    gaps = {v["label"]: v["final_val_loss"] - base["final_val_loss"] for v in variants[1:]}
-    worst = max(gaps.values())
+    """SAS / SAS-P against Pre-LN (the paper's claim) and, where the study ran them, Griffin-SAS against Griffin."""
+    loss = {v["label"]: v["final_val_loss"] for v in data["study"]["variants"]}
     steps = data["study"]["recipe"]["steps"]
-    return [{"claim": "SAS / SAS-P match Pre-LN per training step",
-             "paper": "≈ +0.02 nats after 40K steps (CodeParrot, Fig. 26)",
-             "ours": ", ".join(f"{k} {v:+.3f} nats" for k, v in gaps.items()) + f" after {steps} steps",
-             "verdict": _verdict(worst <= 0.05, worst <= 0.15)}]
+    out = []
+    for claim, paper, base, others in (
+            ("SAS / SAS-P match Pre-LN per training step", "≈ +0.02 nats after 40K steps (CodeParrot, Fig. 26)",
+             "Pre-LN", ("SAS", "SAS-P")),
+            ("Shaped, value-free local attention matches Griffin's (kitelm's Griffin-SAS)", "— (not in either paper)",
+             "Griffin", ("Griffin-SAS",))):
+        gaps = {k: loss[k] - loss[base] for k in others if k in loss and base in loss}
+        if gaps:
+            worst = max(gaps.values())
+            out.append({"claim": claim, "paper": paper,
+                        "ours": ", ".join(f"{k} {v:+.3f} nats" for k, v in gaps.items()) + f" after {steps} steps",
+                        "verdict": _verdict(worst <= 0.05, worst <= 0.15)})
+    return out
 
 
 def claims_throughput(data: dict) -> list[dict]:
@@ -370,28 +381,84 @@ def run_reproduce(out_dir: str | Path = "runs/reproduce", budget_minutes: float 
     return write_report(out)
 
 
-def write_report(out: Path) -> Path:
-    """REPORT.md from every `result.json`: the claims table, then each experiment's provenance and figures."""
-    records = [json.loads((out / n / "result.json").read_text()) for n in EXPERIMENTS
-               if (out / n / "result.json").exists()]
+def _records(out: Path) -> list[dict]:
+    return [json.loads((out / n / "result.json").read_text()) for n in EXPERIMENTS
+            if (out / n / "result.json").exists()]
+
+
+def _figures(out: Path, experiment: str) -> list[str]:
+    """`<experiment>/<png>` of the figures that experiment wrote."""
+    return [f"{experiment}/{png}" for png in FIGURES.get(experiment, []) if (out / experiment / png).exists()]
+
+
+def _summary(records: list[dict]) -> list[str]:
+    """The report's opening: machine and allocator settings, then one table row per claim."""
     first = records[0]["machine"]
-    lines = ["# kitelm reproduce", "",
-             f"Machine: {first['cpu']}, {first['threads']} threads, torch {first['torch']}; commit {first['commit']}. "
-             "Small models on CPU: the papers trained billions of tokens on accelerators, so a verdict says whether "
-             "the *direction* of each claim shows at this scale.", "",
+    unset = [r["experiment"] for r in records if not r["machine"]["allocator_env"]]
+    allocator = (f"glibc allocator env NOT set for {', '.join(unset)} (memory-bound timings up to 4× slower)"
+                 if unset else "glibc allocator env set")
+    lines = [f"Machine: {first['cpu']}, {first['threads']} threads, torch {first['torch']}; commit {first['commit']}; "
+             f"{allocator}. Small models on CPU: the papers trained billions of tokens on accelerators, so a verdict "
+             "says whether the *direction* of each claim shows at this scale.", "",
              "| claim | paper | ours | verdict |", "|---|---|---|---|"]
     for rec in records:
         lines += [f"| {c['claim']} | {c['paper']} | {c['ours']} | **{c['verdict']}** |" for c in rec["claims"]]
+    return lines
+
+
+def write_report(out: Path) -> Path:
+    """REPORT.md from every `result.json`: the claims table, then each experiment's provenance and figures."""
+    records = _records(out)
+    lines = ["# kitelm reproduce", "", *_summary(records)]
     for rec in records:
         lines += ["", f"## {rec['experiment']}", "",
                   f"{rec['seconds']:.0f} s at {rec['scale']['steps']} training steps ({rec['scale']['task_steps']} "
                   f"on tasks); command `{rec['command']}`; commit {rec['commit']}; corpus "
                   f"`{json.dumps(rec['corpus'])}`. Data: `{rec['experiment']}/result.json`."]
-        figures = [png for png in FIGURES.get(rec["experiment"], []) if (out / rec["experiment"] / png).exists()]
-        lines += [f"\n![{rec['experiment']}]({rec['experiment']}/{png})" for png in figures]
+        if "study" in rec["data"]:
+            lines += ["", results_table(rec["data"]["study"])]
+        lines += [f"\n![{rec['experiment']}]({png})" for png in _figures(out, rec["experiment"])]
     path = out / "REPORT.md"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+# ------------------------------------------------------------------------------------------------------------ publish
+BEGIN, END = "<!-- reproduce:begin -->", "<!-- reproduce:end -->"
+PUBLISHED = Path("benchmarks/results/reproduce")  # beside the README, so that its links are relative
+
+
+def publish(out_dir: str | Path, readme: str | Path) -> Path:
+    """Copy a finished run (REPORT.md, `<experiment>/result.json`, figures) into `PUBLISHED` beside `readme` and
+    replace the lines between its BEGIN and END markers with the claims table and the plots. Runs no experiment;
+    returns the folder written."""
+    import shutil
+
+    out, readme = Path(out_dir), Path(readme)
+    missing = [n for n in EXPERIMENTS if not (out / n / "result.json").exists()]
+    if missing or not (out / "REPORT.md").exists():
+        what = "no REPORT.md" if not (out / "REPORT.md").exists() else f"no result for {', '.join(missing)}"
+        raise KitelmError(f"{out} holds no finished reproduction ({what}); run `kitelm reproduce --out {out}` first")
+    if not readme.is_file():
+        raise KitelmError(f"no README at {readme}")
+    text = readme.read_text()
+    begin, end = text.find(BEGIN), text.find(END)
+    if text.count(BEGIN) != 1 or text.count(END) != 1 or end < begin:
+        raise KitelmError(f"{readme} needs one '{BEGIN}' line and, after it, one '{END}' line around the block that "
+                          "`kitelm reproduce --publish` regenerates")
+    folder = readme.parent / PUBLISHED
+    records = _records(out)
+    figures = [png for rec in records for png in _figures(out, rec["experiment"])]
+    for name in ["REPORT.md", *(f"{rec['experiment']}/result.json" for rec in records), *figures]:
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(out / name, folder / name)
+    link = PUBLISHED.as_posix()
+    block = ["<!-- generated by `kitelm reproduce --publish`: edits between the markers are overwritten -->",
+             *_summary(records), "",
+             f"Full report with each experiment's command, scale and corpus: [{link}/REPORT.md]({link}/REPORT.md).", "",
+             *(f"![{png}]({link}/{png})" for png in figures)]
+    readme.write_text(text[:begin + len(BEGIN)] + "\n" + "\n".join(block) + "\n" + text[end:])
+    return folder
 
 
 # ------------------------------------------------------------------------------------------------------------- plots

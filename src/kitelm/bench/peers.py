@@ -39,7 +39,8 @@ def peer_for(config) -> tuple[str, torch.nn.Module] | None:
                                   num_attention_heads=config.n_heads, num_key_value_heads=config.kv_heads,
                                   lru_width=config.lru_width or config.width,
                                   attention_window_size=config.attention_window, conv1d_width=config.conv_width,
-                                  logits_soft_cap=config.logit_softcap or 1e9,  # HF always caps; 1e9 ≈ none rms_norm_eps=config.norm_eps,
+                                  logits_soft_cap=config.logit_softcap or 1e9,  # HF always caps; 1e9 ≈ none
+                                  rms_norm_eps=config.norm_eps,
                                   partial_rotary_factor=config.rope_fraction, rope_theta=config.rope_base,
                                   block_types=[kinds[c] for c in config.block_pattern])
         return "transformers RecurrentGemma", RecurrentGemmaForCausalLM(hf).eval()

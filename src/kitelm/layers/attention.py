@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..cache import KVCache
+from .linear import Linear
 from .rope import RotaryEmbedding
 
 
@@ -23,6 +24,10 @@ def causal_mask(k_pos: torch.Tensor, q_slot: torch.Tensor, k_slot: torch.Tensor)
 def cached_keys_and_mask(k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, cache: KVCache | None):
     """Append the T new `k, v [B, H_kv, T, hd]` to `cache` (if any). Returns all keys and values, the slot-causal
     mask [B, 1, T, S] and the own-slot matrix [T, S] (True where a key is the query's own token)."""
+    if cache is not None and k.shape[2] == 1:  # decoding: the query sits in the last slot and sees every real key
+        k, v, k_pos = cache.append(k, v, positions)
+        own = torch.arange(k.shape[2], device=k.device) == k.shape[2] - 1
+        return k, v, ((k_pos >= 0) | own)[:, None, None], own[None]
     start = cache.length if cache is not None else 0
     q_slot = torch.arange(start, start + k.shape[2], device=k.device)
     k_pos = positions
@@ -39,10 +44,10 @@ class Attention(nn.Module):
                  bias: bool = False):
         super().__init__()
         self.n_heads, self.kv_heads, self.head_dim = n_heads, kv_heads, head_dim
-        self.q = nn.Linear(width, n_heads * head_dim, bias=bias)
-        self.k = nn.Linear(width, kv_heads * head_dim, bias=bias)
-        self.v = nn.Linear(width, kv_heads * head_dim, bias=bias)
-        self.out = nn.Linear(n_heads * head_dim, width, bias=bias)
+        self.q = Linear(width, n_heads * head_dim, bias=bias)
+        self.k = Linear(width, kv_heads * head_dim, bias=bias)
+        self.v = Linear(width, kv_heads * head_dim, bias=bias)
+        self.out = Linear(n_heads * head_dim, width, bias=bias)
         self.rope = rope
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor | None, cache: KVCache | None = None) -> torch.Tensor:
@@ -53,7 +58,7 @@ class Attention(nn.Module):
         plain = positions is None
         if plain:
             positions = torch.arange(t, device=x.device).expand(b, t)
-        q, k = self.rope(q, positions), self.rope(k, positions)
+        q, k = self.rope.pair(q, k, positions)
         if cache is None and plain:  # training fast path: no padding, standard causal mask
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.kv_heads != self.n_heads)
         else:

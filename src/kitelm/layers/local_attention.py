@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .linear import Linear
 from .rope import RotaryEmbedding
 
 
@@ -59,7 +60,11 @@ class RingKVCache(nn.Module):
         """Append `k, v [B, H_kv, T, hd]` and `segment [B, T]`; only the last `window` tokens are kept."""
         t = k.shape[2]
         m = min(t, self.window)
-        slots = (self.count + t - m + torch.arange(m, device=k.device)) % self.window
+        first = (self.count + t - m) % self.window
+        if first + m <= self.window:  # no wrap-around (always for one token): a slice, no index tensor
+            slots = slice(first, first + m)
+        else:
+            slots = (first + torch.arange(m, device=k.device)) % self.window
         self.k[:, :, slots] = k[:, :, t - m:].to(self.k.dtype)
         self.v[:, :, slots] = v[:, :, t - m:].to(self.v.dtype)
         self.segment[:, slots] = segment[:, t - m:]
@@ -81,8 +86,10 @@ def local_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment_pos:
     For each block of at most `block` queries and its S ≤ window + block keys, `attend(q_blk, k_blk, v_blk, mask,
     identity)` mixes the values: mask [B, 1, Tq, S] is M (True = same document ∧ k ≤ q ≤ k + window), identity
     [B, 1, Tq, S] is True where the key is the query's own token (the I of shaped attention). Every query sees itself,
-    so no row of the mask is empty."""
+    so no row of the mask is empty. One query with a cache (decoding) takes `attend_one`."""
     b, t = segment_pos.shape
+    if cache is not None and t == 1:
+        return attend_one(q, k, v, segment_pos, cache, attend)
     segment = torch.cumsum(segment_pos == 0, dim=1)  # document ids (GDM torch/modules.py:143)
     start = 0
     if cache is not None:
@@ -106,6 +113,21 @@ def local_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment_pos:
     return torch.cat(outs, 2) if len(outs) > 1 else outs[0]
 
 
+def attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment_pos: torch.Tensor, cache: RingKVCache,
+               attend: Attend) -> torch.Tensor:
+    """`local_attend` for one token per row (T = 1), the decoding step: the ring holds exactly the `window` tokens
+    before the query, all within its window, so the keys are the ring's slots plus the query's own, and the mask is
+    only "same document" (empty slots have document −1). No block loop, no step arithmetic."""
+    segment = cache.last_segment + (segment_pos[:, 0] == 0)  # [B] document id of the new token
+    keys, values = torch.cat([cache.k.to(k.dtype), k], 2), torch.cat([cache.v.to(v.dtype), v], 2)
+    own = torch.ones_like(segment_pos, dtype=torch.bool)  # [B, 1]
+    mask = torch.cat([cache.segment == segment[:, None], own], 1)[:, None, None]  # [B, 1, 1, window + 1]
+    identity = torch.cat([torch.zeros_like(cache.segment[:1], dtype=torch.bool), own[:1]], 1)  # [1, window + 1]
+    y = attend(q, keys, values, mask, identity)
+    cache.write(k, v, segment[:, None])
+    return y
+
+
 class LocalAttention(nn.Module):
     """x [B, T, D], segment_pos [B, T] (0 = document start, −1 = pad), cache → [B, T, D]."""
 
@@ -114,10 +136,10 @@ class LocalAttention(nn.Module):
         super().__init__()
         self.n_heads, self.kv_heads, self.head_dim, self.window = n_heads, kv_heads, head_dim, window
         self.block = max(window, 64)  # query block length of the blocked forward
-        self.proj_q = nn.Linear(width, n_heads * head_dim, bias=False)
-        self.proj_k = nn.Linear(width, kv_heads * head_dim, bias=False)
-        self.proj_v = nn.Linear(width, kv_heads * head_dim, bias=False)
-        self.proj_final = nn.Linear(n_heads * head_dim, width, bias=True)
+        self.proj_q = Linear(width, n_heads * head_dim, bias=False)
+        self.proj_k = Linear(width, kv_heads * head_dim, bias=False)
+        self.proj_v = Linear(width, kv_heads * head_dim, bias=False)
+        self.proj_final = Linear(n_heads * head_dim, width, bias=True)
         self.rope = RotaryEmbedding(head_dim, rope_base, rope_fraction)
         self.final_var_scale = final_var_scale
         self.reset_parameters()
@@ -131,8 +153,9 @@ class LocalAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, segment_pos: torch.Tensor, cache: RingKVCache | None = None) -> torch.Tensor:
         b, t, _ = x.shape
-        q = self.rope(self.proj_q(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2), segment_pos)
-        k = self.rope(self.proj_k(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2), segment_pos)
+        q = self.proj_q(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.proj_k(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        q, k = self.rope.pair(q, k, segment_pos)
         v = self.proj_v(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
         y = local_attend(q, k, v, segment_pos, cache, self.window, self.block, self._attend)
         return self.proj_final(y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))

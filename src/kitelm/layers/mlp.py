@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .linear import Linear
+
 ACTIVATIONS = {
     "geglu": lambda x: F.gelu(x, approximate="tanh"),
     "swiglu": F.silu,
@@ -22,9 +24,9 @@ class MLP(nn.Module):
         super().__init__()
         self.kind = kind
         self.act = ACTIVATIONS[kind]
-        self.gate = nn.Linear(width, hidden, bias=bias) if kind in GATED else None
-        self.up = nn.Linear(width, hidden, bias=bias)
-        self.down = nn.Linear(hidden, width, bias=bias)
+        self.gate = Linear(width, hidden, bias=bias) if kind in GATED else None
+        self.up = Linear(width, hidden, bias=bias)
+        self.down = Linear(hidden, width, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.up(x)

@@ -19,11 +19,22 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """x: [B, H, T, hd]; positions: [B, T] absolute positions (negative = padding, treated as 0)."""
-        exponents = torch.arange(0, self.rotated, 2, device=x.device, dtype=torch.float32) / self.rotated
+        return self.rotate(x, *self.cos_sin(positions, x.dtype))
+
+    def pair(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotate queries and keys [B, H, T, hd] at the same positions, computing cos and sin once."""
+        cos, sin = self.cos_sin(positions, q.dtype)
+        return self.rotate(q, cos, sin), self.rotate(k, cos, sin)
+
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [B, T] → cos θ, sin θ [B, 1, T, r/2] in `dtype` (angles computed in float32)."""
+        exponents = torch.arange(0, self.rotated, 2, device=positions.device, dtype=torch.float32) / self.rotated
         inv_freq = 1.0 / self.base**exponents  # [r/2]
         angles = positions.clamp(min=0).unsqueeze(-1).to(torch.float32) * inv_freq  # [B, T, r/2]
-        cos = angles.cos().unsqueeze(1).to(x.dtype)  # [B, 1, T, r/2]
-        sin = angles.sin().unsqueeze(1).to(x.dtype)
+        return angles.cos().unsqueeze(1).to(dtype), angles.sin().unsqueeze(1).to(dtype)
+
+    def rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x [B, H, T, hd] with cos, sin from `cos_sin`."""
         x_rot, x_pass = x[..., : self.rotated], x[..., self.rotated:]
         x1, x2 = x_rot.chunk(2, dim=-1)
         rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)

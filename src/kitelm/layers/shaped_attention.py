@@ -35,6 +35,7 @@ from torch import nn
 
 from ..cache import KVCache
 from .attention import cached_keys_and_mask
+from .linear import Linear
 from .local_attention import RingKVCache, local_attend
 from .rope import RotaryEmbedding
 
@@ -88,14 +89,14 @@ class ShapedAttention(nn.Module):
             raise ValueError(f"identity values need n_heads·head_dim = width, got {n_heads}·{head_dim} ≠ {width}")
         self.n_heads, self.head_dim, self.matrix, self.values = n_heads, head_dim, matrix, values
         inner = n_heads * head_dim
-        self.q = nn.Linear(width, inner, bias=qk_bias)
-        self.k = nn.Linear(width, inner, bias=qk_bias)
+        self.q = Linear(width, inner, bias=qk_bias)
+        self.k = Linear(width, inner, bias=qk_bias)
         if values == "identity":
             self.v = ReparamLinear(width) if first_layer_value else None
             self.out = None
         else:
-            self.v = nn.Linear(width, inner, bias=False)  # the reference's V and P have no bias
-            self.out = nn.Linear(inner, width, bias=False)
+            self.v = Linear(width, inner, bias=False)  # the reference's V and P have no bias
+            self.out = Linear(inner, width, bias=False)
         self.rope = rope
         if matrix != "softmax":
             # α_h = β_h = 1 (shaped) or α_h = 1, β_h = 0 (skipinit, Eq. 4); γ_h = β_h = 1: paper App. D.1, code
@@ -124,7 +125,7 @@ class ShapedAttention(nn.Module):
         plain = positions is None
         if self.rope is not None:
             pos = torch.arange(t, device=x.device).expand(b, t) if plain else positions
-            q, k = self.rope(q, pos), self.rope(k, pos)
+            q, k = self.rope.pair(q, k, pos)
         if cache is None and plain:
             y = self._causal(q, k, v)
         else:
@@ -175,8 +176,8 @@ class LocalShapedAttention(nn.Module):
             raise ValueError(f"identity values need n_heads·head_dim = width, got {n_heads}·{head_dim} ≠ {width}")
         self.n_heads, self.kv_heads, self.head_dim, self.window = n_heads, kv_heads, head_dim, window
         self.block = max(window, 64)  # query block length of the blocked forward
-        self.proj_q = nn.Linear(width, n_heads * head_dim, bias=False)
-        self.proj_k = nn.Linear(width, kv_heads * head_dim, bias=False)
+        self.proj_q = Linear(width, n_heads * head_dim, bias=False)
+        self.proj_k = Linear(width, kv_heads * head_dim, bias=False)
         self.rope = RotaryEmbedding(head_dim, rope_base, rope_fraction)
         self.alpha = nn.Parameter(torch.ones(n_heads))
         self.beta = nn.Parameter(torch.ones(n_heads))
@@ -192,8 +193,9 @@ class LocalShapedAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, segment_pos: torch.Tensor, cache: RingKVCache | None = None) -> torch.Tensor:
         b, t, _ = x.shape
-        q = self.rope(self.proj_q(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2), segment_pos)
-        k = self.rope(self.proj_k(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2), segment_pos)
+        q = self.proj_q(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.proj_k(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        q, k = self.rope.pair(q, k, segment_pos)
         v = x.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
         y = local_attend(q, k, v, segment_pos, cache, self.window, self.block, self._attend)
         return y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim)

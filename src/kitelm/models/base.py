@@ -13,6 +13,8 @@ import torch
 from torch import nn
 
 from ..cache import ModelCache
+from ..layers.linear import Linear
+from ..ops.decode import linear
 
 
 class LanguageModel(nn.Module):
@@ -25,7 +27,7 @@ class LanguageModel(nn.Module):
         super().__init__()
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.width)
-        self.head = None if config.tie_embeddings else nn.Linear(config.width, config.vocab_size, bias=False)
+        self.head = None if config.tie_embeddings else Linear(config.width, config.vocab_size, bias=False)
 
     # ------------------------------------------------------------------ hooks for subclasses
     @staticmethod
@@ -59,7 +61,7 @@ class LanguageModel(nn.Module):
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.embed.weight if self.head is None else self.head.weight
-        logits = (x @ weight.t()).float()
+        logits = linear(x, weight).float()
         cap = self.config.logit_softcap
         return cap * torch.tanh(logits / cap) if cap > 0 else logits
 

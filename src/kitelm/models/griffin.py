@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layers.conv1d import Conv1D
+from ..layers.linear import Linear
 from ..layers.local_attention import LocalAttention, RingKVCache
 from ..layers.mlp import MLP
 from ..layers.norms import RMSNorm
@@ -58,9 +59,9 @@ class RecurrentBlock(nn.Module):
 
     def __init__(self, width: int, lru_width: int, num_heads: int, conv_width: int, final_var_scale: float):
         super().__init__()
-        self.linear_y = nn.Linear(width, lru_width)
-        self.linear_x = nn.Linear(width, lru_width)
-        self.linear_out = nn.Linear(lru_width, width)
+        self.linear_y = Linear(width, lru_width)
+        self.linear_x = Linear(width, lru_width)
+        self.linear_out = Linear(lru_width, width)
         self.conv_1d = Conv1D(lru_width, conv_width)
         self.rg_lru = RGLRU(lru_width, num_heads)
         for lin, scale in ((self.linear_y, 1.0), (self.linear_x, 1.0), (self.linear_out, final_var_scale)):

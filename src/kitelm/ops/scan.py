@@ -11,7 +11,7 @@ The backward pass of every backend is the reverse scan (g_t = dL/dh_t through th
 
 Backends (`linear_scan(..., backend=...)`), all differentiable wrt a, x and h0:
   * "cpp": a C++ extension (csrc/linear_scan.cpp), sequential over T, vectorised over D, parallel over batch rows.
-    Built with torch.utils.cpp_extension on first use (about 45 s cold, then cached in the torch extensions dir).
+    Built on first use (`extension.py`: about 45 s cold, then cached).
     It runs at about 90 % of the DRAM-bandwidth floor on the 2-core dev VM; see benchmarks/NOTES.md.
   * "chunked": pure torch, chunks of 64 steps scanned in parallel, then a short scan over chunk boundaries, with a
     hand-written reverse-scan backward. The fallback when there is no compiler, and the path on GPU (no GPU kernel
@@ -25,19 +25,16 @@ Environment: KITELM_SCAN_BACKEND=<name> replaces "auto" with that backend; KITEL
 
 from __future__ import annotations
 
-import functools
 import os
-import re
-import warnings
-from pathlib import Path
 from types import ModuleType
 
 import torch
 from torch import Tensor
 
+from .extension import CppExtension
+
 CHUNK = 64  # chunked scan: C = 64 balances the C-step in-chunk loop against the T/C-step carry loop at T ~ 4096
 BACKENDS = ("cpp", "chunked", "ref")
-_SOURCE = Path(__file__).parent / "csrc" / "linear_scan.cpp"
 
 
 def linear_scan(
@@ -127,7 +124,7 @@ def _resolve_backend(backend: str, x: Tensor) -> str:
         if x.device.type != "cpu":
             raise ValueError(f"the cpp scan backend runs on CPU tensors only; got {x.device} (use 'chunked')")
         if _cpp_extension() is None:
-            raise RuntimeError(f"the cpp scan backend is unavailable: {_disabled_reason() or _load_extension()[1]}")
+            raise RuntimeError(f"the cpp scan backend is unavailable: {EXTENSION.unavailable_reason()}")
     return backend
 
 
@@ -145,51 +142,12 @@ def _step(a: Tensor, x: Tensor, h0: Tensor | None, reset: Tensor | None) -> tupl
 
 # ---------------------------------------------------------------------------------------------------------------- cpp
 
-
-def _disabled_reason() -> str:
-    return "disabled by KITELM_NO_CPP" if os.environ.get("KITELM_NO_CPP", "") not in ("", "0") else ""
+EXTENSION = CppExtension("linear_scan", fallback="using the slower pure-torch 'chunked' scan")
 
 
 def _cpp_extension() -> ModuleType | None:
     """The compiled extension, or None if KITELM_NO_CPP is set or it does not build (warned once)."""
-    return None if _disabled_reason() else _load_extension()[0]
-
-
-@functools.cache
-def _load_extension() -> tuple[ModuleType | None, str]:
-    """(module, "") after building or loading the cached build, or (None, why) with a single warning."""
-    try:
-        return _build_extension(), ""
-    except Exception as error:  # no compiler, no ninja, compile error, unloadable .so: all mean "fall back"
-        reason = _summarize_build_error(error)
-        warnings.warn(
-            f"kitelm: the C++ linear scan did not build ({reason}); using the slower pure-torch 'chunked' scan. "
-            "Install a C++ compiler and ninja to enable it, or set KITELM_NO_CPP=1 to silence this warning.",
-            RuntimeWarning,
-            stacklevel=5,
-        )
-        return None, reason
-
-
-def _summarize_build_error(error: Exception) -> str:
-    """One line from a (long, multi-line) build error: the first compiler or shell error, else its first line."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [""]
-    errors = [line for line in lines[1:] if re.search(r"error|not found", line, re.IGNORECASE)]
-    return f"{type(error).__name__}: {(errors or lines)[0][:300]}"
-
-
-def _build_extension() -> ModuleType:
-    from torch.utils.cpp_extension import load
-
-    # -march=native builds for this CPU; if one home directory serves several CPU types, give each machine its
-    # own TORCH_EXTENSIONS_DIR.
-    return load(
-        name="kitelm_linear_scan",
-        sources=[str(_SOURCE)],
-        extra_cflags=["-O3", "-march=native", "-fopenmp"],
-        extra_ldflags=["-fopenmp"],
-        verbose=False,
-    )
+    return EXTENSION.module()
 
 
 class _CppScan(torch.autograd.Function):
@@ -197,7 +155,7 @@ class _CppScan(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, a: Tensor, x: Tensor, h0: Tensor | None, reset: Tensor | None) -> tuple[Tensor, Tensor]:
-        h, h_last = _load_extension()[0].forward(a, x, h0, reset)
+        h, h_last = EXTENSION.module().forward(a, x, h0, reset)
         ctx.save_for_backward(a, h, h0, reset)
         return h, h_last
 
@@ -205,7 +163,7 @@ class _CppScan(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, dh: Tensor, dh_last: Tensor) -> tuple[Tensor, Tensor, Tensor | None, None]:
         a, h, h0, reset = ctx.saved_tensors
-        da, dx, dh0 = _load_extension()[0].backward(a, h, h0, reset, dh.contiguous(), dh_last.contiguous())
+        da, dx, dh0 = EXTENSION.module().backward(a, h, h0, reset, dh.contiguous(), dh_last.contiguous())
         return da, dx, (dh0 if h0 is not None else None), None
 
 

@@ -1,0 +1,44 @@
+"""Kernels for decoding: a few rows per call, fp32, on CPU, without autograd (csrc/decode_kernels.cpp).
+
+A batch-1 decoding step is bound by reading every weight once and by dispatching hundreds of tiny ops, not by
+FLOPs. Three kernels take those costs on: `small_linear` (a weight-streaming matrix-vector product split across
+threads: 16-17 GB/s where MKL's small-M GEMM reaches 5-7 on the 2-core dev VM), `rms_norm` (7 ops → 1) and
+`rglru_step` (one RG-LRU time step, ~20 ops → 1). The layers call `decode_kernels(x)` and keep their pure-torch code
+as the path for everything else (training, prefill, other dtypes and devices, machines where it does not build),
+which is also the reference the kernels are tested against (tests/test_decode.py).
+"""
+
+from __future__ import annotations
+
+import functools
+from types import ModuleType
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .extension import CppExtension
+
+MAX_ROWS = 8  # above this, MKL's GEMM reuses each weight across rows better than the row-streaming loop
+EXTENSION = CppExtension("decode_kernels", fallback="decoding uses the pure-torch layers")
+
+
+def decode_kernels(x: Tensor) -> ModuleType | None:
+    """The compiled kernels if `x [..., D]` is a decoding-sized input (≤ MAX_ROWS rows, float32, CPU) and no gradient
+    is being recorded; otherwise (or where the extension does not build) None."""
+    if (x.numel() <= MAX_ROWS * x.shape[-1] and x.dtype == torch.float32 and x.device.type == "cpu"
+            and not torch.is_grad_enabled()):
+        return _kernels()
+    return None
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """F.linear(x, weight, bias) for x [..., in], weight [out, in], bias [out] → [..., out]."""
+    kernels = decode_kernels(x) if weight.dtype == torch.float32 else None
+    return kernels.small_linear(x, weight, bias) if kernels is not None else F.linear(x, weight, bias)
+
+
+@functools.cache
+def _kernels() -> ModuleType | None:
+    """The compiled module, looked up once per process (KITELM_NO_CPP is read then), or None."""
+    return EXTENSION.module()

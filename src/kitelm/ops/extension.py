@@ -1,0 +1,72 @@
+"""kitelm's C++ extensions: compiled with `torch.utils.cpp_extension` on first use (about 45 s cold, then cached in
+the torch extensions folder), never a hard requirement. Without a compiler, or with KITELM_NO_CPP=1, `module()`
+returns None (with one warning for a failed build) and the caller uses its pure-PyTorch path.
+
+-march=native builds for this CPU; if one home directory serves several CPU types, give each machine its own
+TORCH_EXTENSIONS_DIR.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import warnings
+from pathlib import Path
+from types import ModuleType
+
+CSRC = Path(__file__).parent / "csrc"
+
+
+def disabled_reason() -> str:
+    """Why no extension may be built ("" if they may)."""
+    return "disabled by KITELM_NO_CPP" if os.environ.get("KITELM_NO_CPP", "") not in ("", "0") else ""
+
+
+def summarize_build_error(error: Exception) -> str:
+    """One line from a (long, multi-line) build error: the first compiler or shell error, else its first line."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [""]
+    errors = [line for line in lines[1:] if re.search(r"error|not found", line, re.IGNORECASE)]
+    return f"{type(error).__name__}: {(errors or lines)[0][:300]}"
+
+
+class CppExtension:
+    """One C++ source `csrc/<name>.cpp`, built into the module `kitelm_<name>` the first time it is asked for.
+    `fallback` says (in the warning) what runs instead when it does not build."""
+
+    def __init__(self, name: str, fallback: str):
+        self.name, self.fallback = name, fallback
+        self._loaded: tuple[ModuleType | None, str] | None = None
+
+    def module(self) -> ModuleType | None:
+        """The compiled module, or None if disabled or it does not build."""
+        return None if disabled_reason() else self.load()[0]
+
+    def unavailable_reason(self) -> str:
+        return disabled_reason() or self.load()[1]
+
+    def load(self) -> tuple[ModuleType | None, str]:
+        """(module, "") after building or loading the cached build, or (None, why) with a single warning."""
+        if self._loaded is None:
+            try:
+                self._loaded = self.build(), ""
+            except Exception as error:  # no compiler, no ninja, compile error, unloadable .so: all mean "fall back"
+                reason = summarize_build_error(error)
+                warnings.warn(
+                    f"kitelm: the C++ {self.name.replace('_', ' ')} did not build ({reason}); {self.fallback}. "
+                    "Install a C++ compiler and ninja to enable it, or set KITELM_NO_CPP=1 to silence this warning.",
+                    RuntimeWarning,
+                    stacklevel=5,
+                )
+                self._loaded = None, reason
+        return self._loaded
+
+    def build(self) -> ModuleType:
+        from torch.utils.cpp_extension import load
+
+        return load(
+            name=f"kitelm_{self.name}",
+            sources=[str(CSRC / f"{self.name}.cpp")],
+            extra_cflags=["-O3", "-march=native", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
+            verbose=False,
+        )

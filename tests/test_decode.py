@@ -1,0 +1,125 @@
+"""The decoding fast path: the C++ kernels of `kitelm.ops.decode` against the pure-torch layers they replace, and
+token-by-token decoding of every architecture against the full forward."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kitelm.config import get_preset
+from kitelm.layers.conv1d import Conv1D
+from kitelm.layers.norms import RMSNorm
+from kitelm.layers.rglru import RGLRU
+from kitelm.models import build_model
+from kitelm.ops import decode
+from kitelm.ops.extension import disabled_reason
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    """The compiled kernels; skipped only without a compiler (a failed build with one is a bug)."""
+    module = decode.EXTENSION.module()
+    if module is None:
+        if disabled_reason():
+            pytest.skip("C++ extensions are disabled by KITELM_NO_CPP")
+        if shutil.which(os.environ.get("CXX", "c++")) is None:
+            pytest.skip("no C++ compiler on PATH")
+        pytest.fail(f"a C++ compiler is present but the decode kernels did not build: "
+                    f"{decode.EXTENSION.unavailable_reason()}")
+    return module
+
+
+@pytest.mark.parametrize("rows, d_in, d_out, bias", [(1, 256, 768, True), (3, 33, 7, False), (8, 130, 65, True)])
+def test_small_linear_matches_f_linear(kernels, rows, d_in, d_out, bias):
+    x = torch.randn(d_in, rows).t()[:, None]  # [rows, 1, in], not contiguous
+    w, b = torch.randn(d_out, d_in), torch.randn(d_out) if bias else None
+    torch.testing.assert_close(kernels.small_linear(x, w, b), F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("unit_offset", [True, False])
+def test_rms_norm_matches_the_torch_layer(kernels, unit_offset):
+    norm = RMSNorm(65, 1e-6, unit_offset=unit_offset)
+    torch.nn.init.normal_(norm.weight)
+    x = torch.randn(3, 1, 65) * 3
+    with torch.no_grad():
+        expected = norm(x.requires_grad_())  # the torch path (a gradient is being recorded)
+        x = x.detach()
+        torch.testing.assert_close(kernels.rms_norm(x, norm.weight, norm.eps, float(unit_offset)), expected)
+
+
+def _resets(batch: int) -> torch.Tensor:
+    """segment_pos [B, 1]: row 0 starts a document at this token, the others continue one."""
+    return torch.tensor([[0]] + [[5 + i] for i in range(batch - 1)])
+
+
+def test_conv1d_step_matches_the_full_forward_and_updates_the_state(kernels):
+    conv = Conv1D(33, 4)
+    torch.nn.init.normal_(conv.b)
+    x, state = torch.randn(3, 1, 33), torch.randn(3, 3, 33)
+    expected, expected_state = conv(x, _resets(3), state.clone().requires_grad_())  # the general masked path
+    with torch.no_grad():
+        y = kernels.conv1d_step(x, conv.w, conv.b, state, _resets(3) == 0)
+    torch.testing.assert_close(y, expected)
+    torch.testing.assert_close(state, expected_state.detach())
+
+
+@pytest.mark.parametrize("heads", [1, 4])
+def test_rglru_step_matches_the_scan(kernels, heads):
+    lru = RGLRU(64, heads)
+    for gate in (lru.input_gate, lru.a_gate):
+        torch.nn.init.normal_(gate.b)
+    x, h0 = torch.randn(3, 1, 64), torch.randn(3, 64)
+    segment_pos = _resets(3)
+    expected, expected_h = lru(x.requires_grad_(), segment_pos, h0)  # the scan path
+    with torch.no_grad():
+        h = kernels.rglru_step(x, lru.input_gate.w, lru.input_gate.b, lru.a_gate.w, lru.a_gate.b, lru.a_param, h0,
+                               segment_pos == 0, 8.0)
+    torch.testing.assert_close(h, expected_h.detach())
+    torch.testing.assert_close(h[:, None], expected.detach())
+
+
+def test_kernels_serve_only_decoding_sized_fp32_inputs_without_autograd(kernels):
+    one = torch.randn(1, 1, 16)
+    with torch.no_grad():
+        assert decode.decode_kernels(one) is kernels
+        assert decode.decode_kernels(torch.randn(decode.MAX_ROWS + 1, 16)) is None
+        assert decode.decode_kernels(one.double()) is None
+    assert decode.decode_kernels(one) is None  # a gradient may be recorded
+
+
+def _sequences(vocab: int, packed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """ids, positions [2, 40]: row 0 left-padded by 3; with `packed`, row 1 holds two documents."""
+    t = 40
+    ids = torch.randint(0, vocab, (2, t))
+    positions = torch.arange(t).repeat(2, 1)
+    positions[0, :3] = -1
+    positions[0, 3:] = torch.arange(t - 3)
+    if packed:
+        positions[1, 20:] = torch.arange(t - 20)
+    return ids, positions
+
+
+@pytest.mark.parametrize("preset", ["transformer-tiny", "griffin-tiny", "hawk-tiny", "griffin-sas-tiny", "sas-p-small",
+                                    "preln-small"])
+@pytest.mark.parametrize("fast", [True, False])
+def test_token_by_token_decoding_matches_the_full_forward(preset, fast, monkeypatch):
+    """Prefill 5 tokens, then one token per call (the kernels when `fast`, the torch step paths otherwise)."""
+    if not fast:
+        monkeypatch.setattr(decode, "_kernels", lambda: None)
+    config = get_preset(preset)
+    model = build_model(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():  # away from the identity-like init of the simplified blocks
+            p.add_(torch.randn_like(p) * 0.05)
+    ids, positions = _sequences(config.vocab_size, packed=config.arch == "griffin")
+    with torch.inference_mode():
+        full = model(ids, positions)
+        cache = model.new_cache(2, max_len=ids.shape[1])
+        steps = [model(ids[:, :5], positions[:, :5], cache)]
+        steps += [model(ids[:, t:t + 1], positions[:, t:t + 1], cache) for t in range(5, ids.shape[1])]
+    real = positions >= 0
+    torch.testing.assert_close(torch.cat(steps, 1)[real], full[real], rtol=1e-5, atol=2e-5)
