@@ -28,6 +28,15 @@ def test_curves_measure_training_time_without_evaluation():
     assert curves["tokens_per_s"] == 200.0  # median of the intervals after the first
 
 
+def test_an_evaluation_between_logged_steps_is_placed_at_that_intervals_rate():
+    metrics = [{"step": 5, "loss": 4.0, "tokens": 1000, "tokens_per_s": 100.0},
+               {"step": 7, "val_loss": 3.9},
+               {"step": 10, "loss": 3.0, "tokens": 2000, "tokens_per_s": 200.0},
+               {"step": 12, "loss": 2.9, "tokens": 2400, "tokens_per_s": 200.0},
+               {"step": 12, "val_loss": 3.1}]
+    assert _curves(metrics)["train_s"] == [12.0, 17.0]  # 10 s to step 5, + 2/5 of the next 5 s; 15 + 400/200
+
+
 def test_results_table_reports_parameter_change_loss_gap_and_speed():
     runs = [{"val_loss": [3.0]}]
     results = {"recipe": {"steps": 10, "batch_size": 4, "seq_len": 8, "seeds": 1, "lr": 1e-3}, "variants": [

@@ -12,6 +12,7 @@ as in the trainer's tokens/s.
 
 from __future__ import annotations
 
+import bisect
 import json
 import statistics
 from dataclasses import asdict, dataclass
@@ -64,19 +65,31 @@ class StudyRecipe:
 
 
 def _curves(metrics: list[dict]) -> dict:
-    """Validation loss against step and against cumulative training seconds (evaluation time excluded)."""
-    train_s, last_tokens, at_step = 0.0, 0, {0: 0.0}
+    """Validation loss against step and against cumulative training seconds (evaluation time excluded). Training time
+    is known at logged steps; an evaluation between two of them is placed at the interval's constant rate."""
+    steps, seconds, tokens = [0], [0.0], 0
     for row in metrics:
         if "tokens_per_s" in row:
-            train_s += (row["tokens"] - last_tokens) / row["tokens_per_s"]
-            last_tokens = row["tokens"]
-            at_step[row["step"]] = train_s
+            seconds.append(seconds[-1] + (row["tokens"] - tokens) / row["tokens_per_s"])
+            steps.append(row["step"])
+            tokens = row["tokens"]
     val = [r for r in metrics if "val_loss" in r]
     rates = [r["tokens_per_s"] for r in metrics if "tokens_per_s" in r]
-    return {"step": [r["step"] for r in val], "train_s": [round(at_step[r["step"]], 3) for r in val],
+    return {"step": [r["step"] for r in val],
+            "train_s": [round(_interpolate(r["step"], steps, seconds), 3) for r in val],
             "val_loss": [r["val_loss"] for r in val],
             # the median interval is robust to the first (warm-up) interval and to other load on a shared machine
             "tokens_per_s": statistics.median(rates[1:] if len(rates) > 1 else rates)}
+
+
+def _interpolate(x: float, xs: list[float], ys: list[float]) -> float:
+    """Piecewise-linear y(x) through the increasing points xs (held constant beyond the last)."""
+    i = bisect.bisect_left(xs, x)
+    if i >= len(xs):
+        return ys[-1]
+    if xs[i] == x or i == 0:
+        return ys[i]
+    return ys[i - 1] + (ys[i] - ys[i - 1]) * (x - xs[i - 1]) / (xs[i] - xs[i - 1])
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
