@@ -9,14 +9,16 @@ import pytest
 
 from kitelm.cli import main
 from kitelm.errors import KitelmError
-from kitelm.reproduce import EXPERIMENTS, FIGURES, PUBLISHED, Scale, publish, run_reproduce, write_report
+from kitelm import reproduce
+from kitelm.reproduce import (EXPERIMENTS, FIGURES, PUBLISHED, Scale, claims_blocks, claims_tasks, publish,
+                              run_reproduce, write_report)
 
 
 def _tiny(corpus_dir) -> Scale:
     return Scale(steps=2, task_steps=2, batch_size=2, seq_len=16, data=str(corpus_dir), repeats=1, eval_windows=2,
                  block_variants=(("Pre-LN", "preln-small"), ("SAS", "sas-small"), ("SAS-P", "sas-p-small"),
                                  ("Griffin", "griffin-tiny"), ("Griffin-SAS", "griffin-sas-tiny")), block_seeds=1,
-                 throughput_models=("preln-small", "sas-small", "sas-p-small", "transformer-tiny", "griffin-tiny"),
+                 throughput_models=("transformer-tiny", "griffin-tiny"),
                  lm_models=(("Griffin", "griffin-tiny"), ("Transformer", "transformer-tiny")),
                  task_models=(("Griffin", "griffin-tiny"), ("Hawk", "hawk-tiny"), ("Transformer", "transformer-tiny")),
                  tasks=("induction",), sample_models=("griffin-tiny", "transformer-tiny"), prompt_len=8,
@@ -30,7 +32,7 @@ def test_report_has_a_verdict_per_claim_and_a_second_run_skips_finished_work(cor
     text = report.read_text()
     verdicts = [line for line in text.splitlines() if line.startswith("| ") and line.endswith("** |")]
     assert len(verdicts) >= len(EXPERIMENTS)
-    assert all(v.rsplit("**", 2)[1] in ("holds", "partly", "does not") for v in verdicts)
+    assert all(v.rsplit("**", 2)[1] in ("holds", "partly", "does not", "inconclusive") for v in verdicts)
     for name in EXPERIMENTS:
         record = json.loads((tmp_path / name / "result.json").read_text())
         assert record["machine"]["cpu"] and "commit" in record and "command" in record and "corpus" in record
@@ -51,12 +53,14 @@ def test_a_budget_too_small_says_what_it_needs(tmp_path, capsys):
     assert "give --budget-minutes" in capsys.readouterr().err
 
 
-def _finished_run(folder):
-    """A run folder as `run_reproduce` leaves it: one result.json per experiment, its figures, REPORT.md."""
+def _finished_run(folder, monkeypatch):
+    """A run folder as `run_reproduce` leaves it: one result.json per experiment, its figures, REPORT.md. The data are
+    empty, so each experiment's claims rule is replaced by one that returns its fake claim."""
     machine = {"cpu": "Test CPU", "threads": 2, "torch": "2.x", "commit": "abc1234", "allocator_env": True}
     for name in EXPERIMENTS:
         (folder / name).mkdir(parents=True)
         claim = {"claim": f"{name} claim", "paper": "paper value", "ours": "our value", "verdict": "holds"}
+        monkeypatch.setitem(reproduce.EXPERIMENTS, name, (EXPERIMENTS[name][0], lambda data, c=claim: [c]))
         record = {"experiment": name, "command": "kitelm reproduce", "commit": "abc1234", "machine": machine,
                   "corpus": None, "scale": {"steps": 2, "task_steps": 2}, "seconds": 1.0, "data": {},
                   "claims": [claim]}
@@ -70,8 +74,8 @@ def _finished_run(folder):
 README = "# Title\n\nBefore the block.\n\n<!-- reproduce:begin -->\nnot published yet\n<!-- reproduce:end -->\n\nAfter.\n"
 
 
-def test_publish_rewrites_only_the_marked_block_and_copies_the_run(tmp_path):
-    run = _finished_run(tmp_path / "run")
+def test_publish_rewrites_only_the_marked_block_and_copies_the_run(tmp_path, monkeypatch):
+    run = _finished_run(tmp_path / "run", monkeypatch)
     readme = tmp_path / "site" / "README.md"
     readme.parent.mkdir()
     readme.write_text(README)
@@ -90,12 +94,14 @@ def test_publish_rewrites_only_the_marked_block_and_copies_the_run(tmp_path):
             assert (published / name / png).read_bytes() == (run / name / png).read_bytes()
             assert f"]({PUBLISHED.as_posix()}/{name}/{png})" in block  # a link relative to the README
 
-    publish(run, readme)  # idempotent
-    assert readme.read_text() == text
+    stale = published / "blocks" / "an_older_figure.png"
+    stale.write_bytes(b"old")
+    publish(run, readme)  # idempotent, and files of an older run do not linger
+    assert readme.read_text() == text and not stale.exists() and (published / "REPORT.md").exists()
 
 
-def test_publish_refuses_an_unfinished_run_or_a_readme_without_markers(tmp_path, capsys):
-    run = _finished_run(tmp_path / "run")
+def test_publish_refuses_an_unfinished_run_or_a_readme_without_markers(tmp_path, capsys, monkeypatch):
+    run = _finished_run(tmp_path / "run", monkeypatch)
     readme = tmp_path / "README.md"
     readme.write_text("# Title\n\nno markers\n")
     assert main(["reproduce", "--out", str(run), "--publish", str(readme)]) == 2
@@ -111,3 +117,39 @@ def test_publish_refuses_an_unfinished_run_or_a_readme_without_markers(tmp_path,
     with pytest.raises(KitelmError, match=r"\(no REPORT.md\); run `kitelm reproduce --out"):
         publish(run, readme)
     assert readme.read_text() == README
+
+
+def _task_result(final: float, curve: list[float]) -> dict:
+    return {"loss": final, "accuracy": 0.0, "curve": [[10 * (i + 1), loss] for i, loss in enumerate(curve)]}
+
+
+def test_tasks_verdict_is_inconclusive_when_no_model_learned_and_judges_speed_by_the_whole_curve():
+    chance = 2.7726  # ln 16
+    at_chance = {m: _task_result(chance - 0.05, [chance, chance - 0.05]) for m in ("Griffin", "Hawk", "Transformer")}
+    [claim] = claims_tasks({"results": {"induction": at_chance}})
+    assert claim["verdict"] == "inconclusive" and "no model learned it" in claim["ours"]
+
+    # all three end at zero loss; Hawk got there last, which only the mean over the curve shows
+    learned = {"Griffin": _task_result(0.0, [2.0, 0.1, 0.0]), "Transformer": _task_result(0.0, [1.8, 0.0, 0.0]),
+               "Hawk": _task_result(0.0, [2.7, 1.5, 0.0])}
+    assert claims_tasks({"results": {"induction": learned}})[0]["verdict"] == "holds"
+    learned["Hawk"] = _task_result(0.0, [2.0, 0.1, 0.0])  # slower than the Transformer, as fast as Griffin
+    assert claims_tasks({"results": {"induction": learned}})[0]["verdict"] == "partly"
+    learned["Hawk"] = _task_result(0.0, [1.8, 0.0, 0.0])
+    mixed = {"induction": learned, "selective-copy": at_chance}  # one task learned, the other not: judged on one
+    assert claims_tasks({"results": mixed})[0]["verdict"] == "does not"
+
+
+def test_blocks_speed_claim_uses_the_studys_tokens_per_second():
+    def variant(label, loss, speed):
+        return {"label": label, "final_val_loss": loss, "tokens_per_s": speed}
+
+    study = {"recipe": {"steps": 100}, "variants": [variant("Pre-LN", 2.0, 1000.0), variant("SAS", 2.03, 1090.0),
+                                                     variant("SAS-P", 2.02, 1120.0)]}
+    loss, speed = claims_blocks({"study": study})
+    assert loss["verdict"] == "holds" and "SAS +0.030 nats" in loss["ours"]
+    assert speed["verdict"] == "holds" and "SAS ×1.09, SAS-P ×1.12" in speed["ours"]
+    study["variants"][2]["tokens_per_s"] = 1050.0  # below the 1.10 target, still faster
+    assert claims_blocks({"study": study})[1]["verdict"] == "partly"
+    study["variants"][1]["tokens_per_s"] = 990.0
+    assert claims_blocks({"study": study})[1]["verdict"] == "does not"

@@ -93,6 +93,15 @@ def describe() -> dict:
 
 
 def peak_rss_bytes() -> int:
+    """Peak resident set of this process's own memory: VmHWM on Linux. Not getrusage's ru_maxrss, which a child
+    started by subprocess (vfork + exec) inherits from its parent's peak, so every child would report the parent's."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     import resource
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)

@@ -14,6 +14,7 @@ scored (loss and exact-match accuracy). Token 0 is padding/blank; the last ids a
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -33,6 +34,11 @@ class SelectiveCopy:
     @property
     def vocab_size(self) -> int:
         return self.n_symbols + 2  # blank, symbols, SEP
+
+    @property
+    def chance_loss(self) -> float:
+        """Answer loss of a model that knows only which symbols can answer: ln(n_symbols) nats."""
+        return math.log(self.n_symbols)
 
     @property
     def seq_len(self) -> int:
@@ -58,6 +64,10 @@ class Induction:
     @property
     def vocab_size(self) -> int:
         return self.n_symbols + 2  # pad, symbols, TRIGGER
+
+    @property
+    def chance_loss(self) -> float:
+        return math.log(self.n_symbols)
 
     @property
     def seq_len(self) -> int:
@@ -88,6 +98,10 @@ class PhoneBook:
     @property
     def vocab_size(self) -> int:
         return 1 + self.n_letters + self.n_digits + 3  # pad, letters, digits, ':' ';' '?'
+
+    @property
+    def chance_loss(self) -> float:
+        return math.log(self.n_digits)
 
     @property
     def seq_len(self) -> int:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import re
+import sys
+import threading
 import warnings
 from pathlib import Path
 from types import ModuleType
@@ -61,12 +63,22 @@ class CppExtension:
         return self._loaded
 
     def build(self) -> ModuleType:
+        """Compile (or load the cached build). A cached load takes well under a second; if this takes longer it is
+        compiling, and one line on stderr says so rather than leaving the caller staring at a silent pause."""
         from torch.utils.cpp_extension import load
 
-        return load(
-            name=f"kitelm_{self.name}",
-            sources=[str(CSRC / f"{self.name}.cpp")],
-            extra_cflags=["-O3", "-march=native", "-fopenmp"],
-            extra_ldflags=["-fopenmp"],
-            verbose=False,
-        )
+        notice = threading.Timer(2.0, lambda: print(
+            f"kitelm: compiling the C++ {self.name.replace('_', ' ')} (first use only, about 45 s)...",
+            file=sys.stderr, flush=True))
+        notice.daemon = True
+        notice.start()
+        try:
+            return load(
+                name=f"kitelm_{self.name}",
+                sources=[str(CSRC / f"{self.name}.cpp")],
+                extra_cflags=["-O3", "-march=native", "-fopenmp"],
+                extra_ldflags=["-fopenmp"],
+                verbose=False,
+            )
+        finally:
+            notice.cancel()

@@ -1,0 +1,31 @@
+"""`kitelm bench` pieces that are correctness, not speed: input checks before any work, and peak-RSS accounting.
+(The experiments themselves run at tiny scale in test_reproduce.py; no timing is asserted anywhere.)"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from kitelm.bench import BenchSettings, run_bench
+from kitelm.errors import KitelmError
+
+
+def test_unknown_benchmarks_and_impossible_sizes_fail_before_any_work(tmp_path):
+    with pytest.raises(KitelmError, match=r"unknown benchmark\(s\) \['speed'\]; choose from"):
+        run_bench(["speed"], tmp_path, BenchSettings())
+    with pytest.raises(KitelmError, match="KV cache of transformer-small needs .* GiB, more than this machine's"):
+        run_bench(["memory"], tmp_path, BenchSettings(memory_lengths=[1 << 30]))
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_childs_peak_rss_is_its_own_not_its_parents(tmp_path):
+    """getrusage's ru_maxrss is inherited through vfork + exec: a child of a process that once held 1.5 GiB reported
+    1.5 GiB whatever it did (every point of the first `bench memory` runs read the same value)."""
+    code = ("import torch; from kitelm.bench.memory import _peak_rss_child; big = torch.ones(3 << 27); del big; "
+            "print(_peak_rss_child('transformer-tiny', 16))")
+    parent_peak = 3 << 29  # 1.5 GiB of float32 ones, touched
+    child_peak = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+                     .stdout.split()[-1])
+    assert 50 << 20 < child_peak < parent_peak // 2  # a Python with torch and a tiny model: a few hundred MiB
