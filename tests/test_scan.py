@@ -4,8 +4,11 @@
 from __future__ import annotations
 
 import functools
+import importlib.util
 import os
 import shutil
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -15,7 +18,11 @@ from kitelm.ops import scan
 from kitelm.ops.extension import disabled_reason
 from kitelm.ops.scan import available_backends, linear_scan, linear_scan_ref
 
-BACKENDS = ["cpp", "chunked", "ref", "auto"]
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+# The triton backend is a GPU kernel; on CPU it runs only under Triton's interpreter, which must be switched on before
+# triton is imported: test_triton_backend_under_the_interpreter reruns this file's "triton" cases in a subprocess.
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1" and HAS_TRITON
+BACKENDS = ["cpp", "chunked", "ref", "auto"] + (["triton"] if INTERPRETED else [])
 # odd T (1 = decode step, 63/65 around one chunk, 257 = 4 chunks + 1), odd D, B = 1 and 3; the two largest are big
 # enough for the cpp kernel to go parallel and, as B is not a multiple of the thread count, to split channels too
 SHAPES = [(1, 1, 7), (3, 1, 33), (3, 2, 33), (1, 63, 130), (3, 65, 7), (1, 257, 130), (3, 257, 130)]
@@ -185,6 +192,29 @@ def test_build_failure_warns_once_and_falls_back(monkeypatch):
     assert "'chunked'" in str(caught[0].message) and "/bin/sh: 1: c++: not found" in str(caught[0].message)
     assert available_backends() == ["chunked", "ref"]
     assert_matches_reference(results, reference(a, x, h0, reset), FP32_RTOL)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed (it is in the test extra on Linux x86-64)")
+@pytest.mark.skipif(INTERPRETED, reason="this is the driver; the interpreted cases run in this process already")
+def test_triton_backend_under_the_interpreter():
+    """Every backend-parametrized test above, for backend="triton", run by Triton's CPU interpreter (T = 257 left
+    out: the kernel loops over T sequentially, so it adds interpreter time and no case that T = 63 / 65 lacks)."""
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
+                          "-k", "triton and not 257"],  # T = 257 adds ~45 s of interpreter time and no new case
+                         env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+    assert " passed" in run.stdout and " failed" not in run.stdout
+
+
+def test_triton_backend_refuses_cpu_tensors_outside_the_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    x = torch.zeros(2, 8, 4)
+    if HAS_TRITON:
+        with pytest.raises(ValueError, match="runs on CUDA tensors .* TRITON_INTERPRET=1"):
+            linear_scan(x, x, backend="triton")
+    else:
+        with pytest.raises(RuntimeError, match="pip install triton"):
+            linear_scan(x, x, backend="triton")
 
 
 def test_env_var_forces_backend(monkeypatch):

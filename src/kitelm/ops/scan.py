@@ -13,12 +13,14 @@ Backends (`linear_scan(..., backend=...)`), all differentiable wrt a, x and h0:
   * "cpp": a C++ extension (csrc/linear_scan.cpp), sequential over T, vectorised over D, parallel over batch rows.
     Built on first use (`extension.py`: about 45 s cold, then cached).
     It runs at about 90 % of the DRAM-bandwidth floor on the 2-core dev VM; see benchmarks/NOTES.md.
+  * "triton": Triton kernels (`triton_scan.py`), the same sequential-over-T, parallel-over-(B, D) scan for GPUs.
+    Needs the `triton` package; on CPU only under Triton's interpreter (TRITON_INTERPRET=1), which the tests use.
+    Written and tested in interpreter mode only: no GPU was available to time it.
   * "chunked": pure torch, chunks of 64 steps scanned in parallel, then a short scan over chunk boundaries, with a
-    hand-written reverse-scan backward. The fallback when there is no compiler, and the path on GPU (no GPU kernel
-    is written yet).
+    hand-written reverse-scan backward. The fallback when there is no compiler, and on GPU without Triton.
   * "ref": `linear_scan_ref`, the plain loop over time (in the accumulation dtype).
-"auto" picks "cpp" for CPU tensors when the extension builds, otherwise "chunked". For T == 1 (decode) it does the
-single fused step a_0 ⊙ h0 + x_0 with no kernel dispatch.
+"auto" picks "cpp" for CPU tensors when the extension builds, "triton" for GPU tensors when Triton is installed,
+otherwise "chunked". For T == 1 (decode) it does the single fused step a_0 ⊙ h0 + x_0 with no kernel dispatch.
 
 Environment: KITELM_SCAN_BACKEND=<name> replaces "auto" with that backend; KITELM_NO_CPP=1 never builds the extension.
 """
@@ -34,7 +36,7 @@ from torch import Tensor
 from .extension import CppExtension
 
 CHUNK = 64  # chunked scan: C = 64 balances the C-step in-chunk loop against the T/C-step carry loop at T ~ 4096
-BACKENDS = ("cpp", "chunked", "ref")
+BACKENDS = ("cpp", "triton", "chunked", "ref")
 
 
 def linear_scan(
@@ -62,6 +64,11 @@ def linear_scan(
             None if h0_acc is None else h0_acc.contiguous(),
             None if reset is None else reset.contiguous(),
         )
+    elif name == "triton":
+        from .triton_scan import TritonScan
+
+        h, h_last = TritonScan.apply(_apply_reset(a_acc, reset).contiguous(), x_acc.contiguous(),
+                                     None if h0_acc is None else h0_acc.contiguous())
     elif name == "chunked":
         h, h_last = _ChunkedScan.apply(_apply_reset(a_acc, reset), x_acc, h0_acc)
     else:
@@ -89,8 +96,9 @@ def linear_scan_ref(
 
 
 def available_backends() -> list[str]:
-    """Names accepted by `linear_scan(backend=...)` on this machine (builds the C++ extension if not yet built)."""
-    return [name for name in BACKENDS if name != "cpp" or _cpp_extension() is not None]
+    """Names `linear_scan(backend=...)` accepts for CPU tensors here (builds the C++ extension if not yet built);
+    "triton" is for CUDA tensors."""
+    return [name for name in BACKENDS if (name != "cpp" or _cpp_extension() is not None) and name != "triton"]
 
 
 def _check_inputs(a: Tensor, x: Tensor, h0: Tensor | None, reset: Tensor | None) -> None:
@@ -111,13 +119,15 @@ def _check_inputs(a: Tensor, x: Tensor, h0: Tensor | None, reset: Tensor | None)
 
 
 def _resolve_backend(backend: str, x: Tensor) -> str:
-    """The backend that runs: "step", "cpp", "chunked" or "ref". Raises if an explicitly named one cannot run."""
+    """The backend that runs: "step" or one of BACKENDS. Raises if an explicitly named one cannot run here."""
     if backend == "auto":
         backend = os.environ.get("KITELM_SCAN_BACKEND", "auto")
     if backend == "auto":
         if x.shape[1] == 1:
             return "step"
-        return "cpp" if x.device.type == "cpu" and _cpp_extension() is not None else "chunked"
+        if x.device.type == "cpu":
+            return "cpp" if _cpp_extension() is not None else "chunked"
+        return "triton" if x.is_cuda and _triton_installed() else "chunked"
     if backend not in BACKENDS:
         raise ValueError(f"unknown scan backend {backend!r}; choose 'auto' or one of {', '.join(BACKENDS)}")
     if backend == "cpp":
@@ -125,7 +135,19 @@ def _resolve_backend(backend: str, x: Tensor) -> str:
             raise ValueError(f"the cpp scan backend runs on CPU tensors only; got {x.device} (use 'chunked')")
         if _cpp_extension() is None:
             raise RuntimeError(f"the cpp scan backend is unavailable: {EXTENSION.unavailable_reason()}")
+    if backend == "triton":
+        if not _triton_installed():
+            raise RuntimeError("the triton scan backend needs the triton package: pip install triton")
+        if not x.is_cuda and os.environ.get("TRITON_INTERPRET", "") in ("", "0"):
+            raise ValueError(f"the triton scan backend runs on CUDA tensors (got {x.device}) or, for testing, on CPU "
+                             "under TRITON_INTERPRET=1")
     return backend
+
+
+def _triton_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("triton") is not None
 
 
 def _apply_reset(a: Tensor, reset: Tensor | None) -> Tensor:
