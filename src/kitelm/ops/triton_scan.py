@@ -25,7 +25,7 @@ def _forward_kernel(a_ptr, x_ptr, h0_ptr, h_ptr, T, D, HAS_H0: tl.constexpr, BLO
     cols = block * BLOCK + tl.arange(0, BLOCK)
     keep = cols < D
     h = tl.load(h0_ptr + row * D + cols, mask=keep & HAS_H0, other=0.0).to(h_ptr.dtype.element_ty)
-    base = row * T * D + cols
+    base = row.to(tl.int64) * T * D + cols  # int64: B·T·D may exceed 2^31
     for t in range(T):
         a = tl.load(a_ptr + base + t * D, mask=keep, other=0.0)
         x = tl.load(x_ptr + base + t * D, mask=keep, other=0.0)
@@ -41,7 +41,7 @@ def _backward_kernel(a_ptr, h_ptr, h0_ptr, dh_ptr, dh_last_ptr, da_ptr, dx_ptr, 
     keep = cols < D
     h0 = tl.load(h0_ptr + row * D + cols, mask=keep & HAS_H0, other=0.0).to(dh_ptr.dtype.element_ty)
     carry = tl.load(dh_last_ptr + row * D + cols, mask=keep, other=0.0)  # a_{t+1} g_{t+1}, entering as dh_last
-    base = row * T * D + cols
+    base = row.to(tl.int64) * T * D + cols  # int64: B·T·D may exceed 2^31
     for i in range(T - 1):  # t = T-1 .. 1, where h_{t-1} is in h
         t = T - 1 - i
         g = tl.load(dh_ptr + base + t * D, mask=keep, other=0.0) + carry
