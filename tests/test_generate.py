@@ -3,7 +3,10 @@
 import torch
 
 from kitelm.config import ModelConfig
-from kitelm.generate import Sampling, generate_tokens, sample_next
+import pytest
+
+from kitelm.config import get_preset
+from kitelm.generate import Sampling, generate_tokens, left_pad, prefill, sample_next
 from kitelm.models import build_model
 
 
@@ -59,3 +62,20 @@ def test_stops_when_every_row_hit_the_stop_token():
     model.logits = lambda x: 100 * torch.nn.functional.one_hot(torch.full(x.shape[:-1], 3), 50).float()
     steps = list(generate_tokens(model, [[1], [2, 4]], 50, Sampling(1.0), seed=0, stop_id=3))
     assert [s.tolist() for s in steps] == [[3, 3]]
+
+
+@pytest.mark.parametrize("preset", ["transformer-tiny", "griffin-tiny", "hawk-tiny", "griffin-sas-tiny", "sas-p-small"])
+def test_chunked_prefill_equals_one_pass_and_generates_the_same_tokens(preset):
+    """Chunks of 7 over left-padded prompts of 40 and 23 tokens: chunks cross the pads, Griffin's 16-token window
+    and the ring buffer's wrap-around."""
+    torch.manual_seed(0)
+    model = build_model(get_preset(preset)).eval()
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(1, 200, (n,), generator=g).tolist() for n in (40, 23)]
+    tokens, positions = left_pad(prompts)
+    with torch.no_grad():
+        one = model(tokens, positions, model.new_cache(2, max_len=48))[:, -1]
+        chunked = prefill(model, tokens, positions, model.new_cache(2, max_len=48), chunk=7)
+    torch.testing.assert_close(chunked, one, rtol=0, atol=1e-5)
+    whole = torch.stack(list(generate_tokens(model, prompts, 8, Sampling(0), prefill_chunk=64)))
+    assert torch.equal(torch.stack(list(generate_tokens(model, prompts, 8, Sampling(0), prefill_chunk=7))), whole)

@@ -1,8 +1,9 @@
 """The sampling engine. It knows nothing about text: prompts are lists of token ids, output is token ids.
 
 Prompts of different lengths are left-padded; pads get position −1 (masked by attention, a reset for recurrences),
-the first real token position 0 — the convention of the official RecurrentGemma sampler. The whole padded prompt is
-prefilled in one parallel pass, then tokens are decoded one at a time with the model's cache.
+the first real token position 0 — the convention of the official RecurrentGemma sampler. The padded prompt is
+prefilled in parallel passes of at most PREFILL_CHUNK tokens (each continues the cache, so peak activation memory is
+bounded by the chunk, not the prompt), then tokens are decoded one at a time with the model's cache.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from typing import Iterator
 import torch
 
 from .errors import KitelmError
+
+PREFILL_CHUNK = 2048  # tokens per prefill pass: long enough to keep the GEMMs efficient, short enough to bound memory
 
 
 @dataclass
@@ -62,10 +65,20 @@ def left_pad(prompts: list[list[int]], pad_id: int = 0, device=None) -> tuple[to
 
 
 @torch.inference_mode()  # cheaper than no_grad per op; the cache never meets autograd
+def prefill(model, tokens: torch.Tensor, positions: torch.Tensor, cache, chunk: int = PREFILL_CHUNK) -> torch.Tensor:
+    """Run tokens [B, T] with positions [B, T] through `model` into `cache`, `chunk` tokens per pass; returns the
+    last position's logits [B, V] (equal to one pass over all T up to float rounding)."""
+    for start in range(0, tokens.shape[1], chunk):
+        logits = model(tokens[:, start:start + chunk], positions[:, start:start + chunk], cache)
+    return logits[:, -1]
+
+
 def generate_tokens(model, prompts: list[list[int]], max_new_tokens: int, sampling: Sampling | None = None,
-                    seed: int | None = None, stop_id: int | None = None) -> Iterator[torch.Tensor]:
+                    seed: int | None = None, stop_id: int | None = None,
+                    prefill_chunk: int = PREFILL_CHUNK) -> Iterator[torch.Tensor]:
     """Yield the next token ids [B] for every prompt, one step at a time, until `max_new_tokens` or until every row
-    has produced `stop_id` (rows that stopped keep yielding `stop_id`)."""
+    has produced `stop_id` (rows that stopped keep yielding `stop_id`). The prompts are prefilled `prefill_chunk`
+    tokens at a time."""
     sampling = sampling or Sampling()
     if max_new_tokens < 0:
         raise KitelmError(f"max_new_tokens={max_new_tokens} must be >= 0")
@@ -74,7 +87,7 @@ def generate_tokens(model, prompts: list[list[int]], max_new_tokens: int, sampli
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     model.eval()
     cache = model.new_cache(len(prompts), max_len=tokens.shape[1] + max_new_tokens)
-    logits = model(tokens, positions, cache)[:, -1]
+    logits = prefill(model, tokens, positions, cache, prefill_chunk)
     done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     for _ in range(max_new_tokens):
         nxt = sample_next(logits, sampling, generator)

@@ -79,7 +79,8 @@ NOTES = {
               "tokens/s over the last 10 % of those N tokens. HF peers are capped at `peer_max_len` (their caches "
               "grow by concatenation).",
     "memory": "State bytes: KV cache for global attention (allocation for L tokens), conv + RG-LRU state + ring "
-              "buffer for Griffin/Hawk after L tokens. Peak RSS: a fresh process prefilling L tokens.",
+              "buffer for Griffin/Hawk after L tokens. Peak RSS: a fresh process prefilling L tokens as `generate` does "
+              "(passes of 2,048 tokens into the cache).",
     "scan": "h_t = a_t·h_{t-1} + x_t in fp32; effective GB/s counts 12 B/elem forward, 32 B/elem forward+backward; "
             "floor = bytes ÷ measured DRAM bandwidth (256 MiB add).",
     "params": "Every preset, built on the meta device.",

@@ -49,9 +49,11 @@ def _peak_rss_child(name: str, length: int) -> int:
 def _prefill_peak(name: str, length: int) -> int:
     from .machine import peak_rss_bytes
 
+    from ..generate import prefill
+
     model = build_model(get_preset(name)).eval()
     cache = model.new_cache(1, max_len=length)
-    model(torch.randint(0, model.config.vocab_size, (1, length)), cache=cache)
+    prefill(model, torch.randint(0, model.config.vocab_size, (1, length)), torch.arange(length)[None], cache)
     return peak_rss_bytes()
 
 
