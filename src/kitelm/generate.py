@@ -73,6 +73,7 @@ def prefill(model, tokens: torch.Tensor, positions: torch.Tensor, cache, chunk: 
     return logits[:, -1]
 
 
+@torch.inference_mode()
 def generate_tokens(model, prompts: list[list[int]], max_new_tokens: int, sampling: Sampling | None = None,
                     seed: int | None = None, stop_id: int | None = None,
                     prefill_chunk: int = PREFILL_CHUNK) -> Iterator[torch.Tensor]:
