@@ -1,11 +1,9 @@
 """The sampling engine: greedy, temperature, top-k, top-p, seeds, stopping, batching."""
 
+import pytest
 import torch
 
-from kitelm.config import ModelConfig
-import pytest
-
-from kitelm.config import get_preset
+from kitelm.config import ModelConfig, get_preset
 from kitelm.generate import Sampling, generate_tokens, left_pad, prefill, sample_next
 from kitelm.models import build_model
 

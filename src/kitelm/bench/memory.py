@@ -47,9 +47,8 @@ def _peak_rss_child(name: str, length: int) -> int:
 
 @torch.no_grad()
 def _prefill_peak(name: str, length: int) -> int:
-    from .machine import peak_rss_bytes
-
     from ..generate import prefill
+    from .machine import peak_rss_bytes
 
     model = build_model(get_preset(name)).eval()
     cache = model.new_cache(1, max_len=length)

@@ -98,7 +98,7 @@ def linear_scan_ref(
 def available_backends() -> list[str]:
     """Names `linear_scan(backend=...)` accepts for CPU tensors here (builds the C++ extension if not yet built);
     "triton" is for CUDA tensors."""
-    return [name for name in BACKENDS if (name != "cpp" or _cpp_extension() is not None) and name != "triton"]
+    return [name for name in BACKENDS if name != "triton" and (name != "cpp" or _cpp_extension() is not None)]
 
 
 def _check_inputs(a: Tensor, x: Tensor, h0: Tensor | None, reset: Tensor | None) -> None:
