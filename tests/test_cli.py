@@ -89,7 +89,7 @@ def test_unwritable_output_folder(corpus_dir, tmp_path, capsys):
 
 
 def test_corrupt_checkpoint_is_reported_and_not_modified(trained, capsys):
-    from kitelm.train.checkpoint import list_checkpoints
+    from kitelm.checkpoint import list_checkpoints
 
     ckpt = list_checkpoints(trained)[-1]
     model = ckpt / "model.safetensors"

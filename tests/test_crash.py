@@ -11,7 +11,7 @@ import time
 import torch
 from safetensors.torch import load_file
 
-from kitelm.train.checkpoint import latest_checkpoint, list_checkpoints, verify_checkpoint
+from kitelm.checkpoint import latest_checkpoint, list_checkpoints, verify_checkpoint
 
 ARGS = ["--model", "transformer-tiny", "--steps", "40", "--batch-size", "4", "--seq-len", "32", "--eval-every", "20",
         "--eval-tokens", "256", "--save-every", "1", "--keep-last", "2", "--final-eval-tokens", "256", "--no-sample"]

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from kitelm.config import get_preset
 from kitelm.errors import CheckpointError
-from kitelm.train.checkpoint import latest_checkpoint, list_checkpoints, load_weights, verify_checkpoint
+from kitelm.checkpoint import latest_checkpoint, list_checkpoints, load_weights, verify_checkpoint
 from kitelm.train.schedule import lr_at
 from kitelm.train.trainer import TrainConfig, Trainer, TrainingDiverged
 

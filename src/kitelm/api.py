@@ -12,7 +12,7 @@ from .convert import detect, load_foreign
 from .data.tokenizer import load_tokenizer
 from .generate import Sampling, generate_tokens
 from .models import build_model
-from .train.checkpoint import CONFIG_FILE, load_weights, resolve_checkpoint, verify_checkpoint
+from .checkpoint import CONFIG_FILE, load_weights, resolve_checkpoint, verify_checkpoint
 
 
 class LM:

@@ -277,7 +277,7 @@ def convert(src: str | Path, out: str | Path, tokenizer: str | Path | None = Non
     leaves nothing behind."""
     from safetensors.torch import save_file
 
-    from ..train.checkpoint import CONFIG_FILE, MANIFEST_FILE, MODEL_FILE, _fsync, _sha256
+    from ..checkpoint import CONFIG_FILE, MANIFEST_FILE, MODEL_FILE, _fsync, _sha256
 
     src, out = Path(src), Path(out)
     if out.exists():

@@ -25,7 +25,7 @@ from ..data.tasks import TaskSampler, TaskTokenizer, get_task, validation_set
 from ..errors import CheckpointError, ConfigError, KitelmError
 from ..models import build_model
 from . import distributed
-from .checkpoint import checkpoint_dir, latest_checkpoint, remove_partial_checkpoints, load_train_state, read_weights, resolve_checkpoint, save_checkpoint
+from ..checkpoint import checkpoint_dir, latest_checkpoint, remove_partial_checkpoints, load_train_state, read_weights, resolve_checkpoint, save_checkpoint
 from .schedule import lr_at
 
 SCHEDULES = ("cosine", "linear", "constant")

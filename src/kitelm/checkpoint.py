@@ -20,7 +20,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ..errors import CheckpointError
+from .errors import CheckpointError
 
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
