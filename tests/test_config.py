@@ -3,7 +3,8 @@ import json
 import pytest
 import torch
 
-from kitelm.config import ModelConfig, get_preset, list_presets
+from kitelm.config import ModelConfig
+from kitelm.presets import get_preset, list_presets
 from kitelm.errors import ConfigError
 from kitelm.models import build_model
 

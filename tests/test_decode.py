@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kitelm.config import get_preset
+from kitelm.presets import get_preset
 from kitelm.layers.conv1d import Conv1D
 from kitelm.layers.norms import RMSNorm
 from kitelm.layers.rglru import RGLRU

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from kitelm.config import PRESETS, get_preset
+from kitelm.presets import PRESETS, get_preset
 from kitelm.errors import ConfigError
 from kitelm.train.trainer import TrainConfig, Trainer
 

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from kitelm.config import ModelConfig, get_preset
+from kitelm.config import ModelConfig
+from kitelm.presets import get_preset
 from kitelm.generate import Sampling, generate_tokens, left_pad, prefill, sample_next
 from kitelm.models import build_model
 

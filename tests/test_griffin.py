@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 from griffin_reference import one_thread, randomize_
 from kitelm.cli import main
-from kitelm.config import ModelConfig, get_preset
+from kitelm.config import ModelConfig
+from kitelm.presets import get_preset
 from kitelm.errors import ConfigError
 from kitelm.generate import Sampling, generate_tokens
 from kitelm.layers import local_attention

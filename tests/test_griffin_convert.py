@@ -13,7 +13,7 @@ import torch
 import kitelm
 from griffin_reference import one_thread, reference_griffin
 from kitelm.cli import main
-from kitelm.config import get_preset
+from kitelm.presets import get_preset
 from kitelm.convert import load_model
 from kitelm.errors import CheckpointError, KitelmError
 from kitelm.models import build_model

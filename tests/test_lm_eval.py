@@ -14,7 +14,7 @@ lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip i
 from lm_eval.api.instance import Instance  # noqa: E402
 
 from kitelm import load  # noqa: E402
-from kitelm.config import get_preset  # noqa: E402
+from kitelm.presets import get_preset  # noqa: E402
 from kitelm.lm_eval_adapter import KitelmLM  # noqa: E402
 from kitelm.train.trainer import TrainConfig, Trainer  # noqa: E402
 

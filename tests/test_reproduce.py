@@ -9,21 +9,24 @@ import pytest
 
 from kitelm.cli import main
 from kitelm.errors import KitelmError
-from kitelm import reproduce
-from kitelm.reproduce import (EXPERIMENTS, FIGURES, PUBLISHED, Scale, claims_blocks, claims_tasks, publish,
-                              run_reproduce, write_report)
+from kitelm.experiments.reproduce import run_reproduce
+from kitelm.experiments.reproduce.claims import claims_blocks, claims_tasks
+from kitelm.experiments.reproduce.report import PUBLISHED, publish, write_report
+from kitelm.experiments.reproduce.runs import EXPERIMENTS, FIGURES
+from kitelm.experiments.settings import ReproduceScale
 
 
-def _tiny(corpus_dir) -> Scale:
-    return Scale(steps=2, task_steps=2, batch_size=2, seq_len=16, data=str(corpus_dir), repeats=1, eval_windows=2,
-                 block_variants=(("Pre-LN", "preln-small"), ("SAS", "sas-small"), ("SAS-P", "sas-p-small"),
-                                 ("Griffin", "griffin-tiny"), ("Griffin-SAS", "griffin-sas-tiny")), block_seeds=1,
-                 throughput_models=("transformer-tiny", "griffin-tiny"),
-                 lm_models=(("Griffin", "griffin-tiny"), ("Transformer", "transformer-tiny")),
-                 task_models=(("Griffin", "griffin-tiny"), ("Hawk", "hawk-tiny"), ("Transformer", "transformer-tiny")),
-                 tasks=("induction",), sample_models=("griffin-tiny", "transformer-tiny"), prompt_len=8,
-                 sample_lengths=(4, 16), memory_models=("griffin-tiny", "transformer-tiny"), memory_lengths=(64, 256),
-                 rss_max_len=0)
+def _tiny(corpus_dir) -> ReproduceScale:
+    return ReproduceScale(
+        steps=2, task_steps=2, batch_size=2, seq_len=16, data=str(corpus_dir), repeats=1, eval_windows=2,
+        block_variants=(("Pre-LN", "preln-small"), ("SAS", "sas-small"), ("SAS-P", "sas-p-small"),
+                        ("Griffin", "griffin-tiny"), ("Griffin-SAS", "griffin-sas-tiny")), seeds=1,
+        throughput_models=("transformer-tiny", "griffin-tiny"),
+        lm_models=(("Griffin", "griffin-tiny"), ("Transformer", "transformer-tiny")),
+        task_models=(("Griffin", "griffin-tiny"), ("Hawk", "hawk-tiny"), ("Transformer", "transformer-tiny")),
+        tasks=("induction",), sample_models=("griffin-tiny", "transformer-tiny"), prompt_len=8,
+        sample_lengths=(4, 16), memory_models=("griffin-tiny", "transformer-tiny"), memory_lengths=(64, 256),
+        rss_max_len=0)
 
 
 def test_report_has_a_verdict_per_claim_and_a_second_run_skips_finished_work(corpus_dir, tmp_path):
@@ -60,7 +63,7 @@ def _finished_run(folder, monkeypatch):
     for name in EXPERIMENTS:
         (folder / name).mkdir(parents=True)
         claim = {"claim": f"{name} claim", "paper": "paper value", "ours": "our value", "verdict": "holds"}
-        monkeypatch.setitem(reproduce.EXPERIMENTS, name, (EXPERIMENTS[name][0], lambda data, c=claim: [c]))
+        monkeypatch.setitem(EXPERIMENTS, name, (EXPERIMENTS[name][0], lambda data, c=claim: [c]))
         record = {"experiment": name, "command": "kitelm reproduce", "commit": "abc1234", "machine": machine,
                   "corpus": None, "scale": {"steps": 2, "task_steps": 2}, "seconds": 1.0, "data": {},
                   "claims": [claim]}

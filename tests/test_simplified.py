@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kitelm.config import ModelConfig, get_preset
+from kitelm.config import ModelConfig
+from kitelm.presets import get_preset
 from kitelm.errors import ConfigError, KitelmError
 from kitelm.generate import left_pad
 from kitelm.layers.shaped_attention import shaped_attention_matrix

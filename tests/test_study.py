@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from kitelm.cli import main
-from kitelm.study import BLOCK_VARIANTS, StudyRecipe, _curves, results_table
+from kitelm.experiments.settings import BLOCK_VARIANTS, StudyRecipe
+from kitelm.experiments.study import _curves, results_table
 
 
 def test_recipe_follows_the_papers_optimiser_and_schedule(tmp_path):

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from kitelm.config import get_preset
+from kitelm.presets import get_preset
 from kitelm.errors import CheckpointError
 from kitelm.checkpoint import latest_checkpoint, list_checkpoints, load_weights, verify_checkpoint
 from kitelm.train.schedule import lr_at

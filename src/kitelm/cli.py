@@ -39,7 +39,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
 
 
 def _model_config(args):
-    from .config import ModelConfig, get_preset
+    from .config import ModelConfig
+    from .presets import get_preset
 
     config = ModelConfig.load(args.config) if args.config else get_preset(args.model)
     return config.with_overrides(args.set) if args.set else config
@@ -110,7 +111,7 @@ def cmd_generate(args) -> int:
 
 
 def cmd_presets(args) -> int:
-    from .bench.params import preset_rows
+    from .presets import preset_rows
 
     print(f"{'preset':<28} {'arch':<12} {'params':>12} {'non-embedding':>14}")
     for row in preset_rows():
@@ -147,7 +148,8 @@ def cmd_convert(args) -> int:
 def cmd_study(args) -> int:
     from dataclasses import replace
 
-    from .study import StudyRecipe, results_table, run_block_study
+    from .experiments.settings import StudyRecipe
+    from .experiments.study import results_table, run_block_study
 
     recipe = StudyRecipe.quick() if args.quick else StudyRecipe()
     recipe = replace(recipe, **{k: getattr(args, k) for k in ("steps", "seeds") if getattr(args, k) is not None})
@@ -158,16 +160,18 @@ def cmd_study(args) -> int:
 
 
 def _reexec_with_allocator_env(args) -> None:
-    """Restart the command with `bench.machine.ALLOCATOR_ENV` (glibc reads it only at start-up) when it came from the
-    command line; `main(argv)` called from Python (tests) keeps its process: execve would rerun sys.orig_argv."""
+    """Restart the command with `experiments.machine.ALLOCATOR_ENV` (glibc reads it only at start-up) when it came
+    from the command line; `main(argv)` called from Python (tests) keeps its process: execve would rerun
+    sys.orig_argv."""
     if args.from_command_line:
-        from .bench import machine
+        from .experiments import machine
 
         machine.reexec_with_allocator_env()
 
 
 def cmd_bench(args) -> int:
-    from .bench import EXPERIMENTS, BenchSettings, run_bench
+    from .experiments.bench import EXPERIMENTS, run_bench
+    from .experiments.settings import BenchSettings
 
     _reexec_with_allocator_env(args)
     settings = BenchSettings.quick() if args.quick else BenchSettings()
@@ -177,7 +181,7 @@ def cmd_bench(args) -> int:
 
 
 def cmd_reproduce(args) -> int:
-    from .reproduce import publish, run_reproduce
+    from .experiments.reproduce import publish, run_reproduce
 
     if args.publish:
         folder = publish(args.out, args.publish)

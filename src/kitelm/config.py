@@ -1,4 +1,4 @@
-"""Model configuration: one typed dataclass for every architecture, validation, JSON round trip, named presets.
+"""Model configuration: one typed dataclass for every architecture, validation, JSON round trip.
 
 A config is plain data: it builds a model through `kitelm.models.build_model(config)` and is saved as `config.json`
 beside the weights. Fields that only one architecture uses say so in their comment; validation is per architecture.
@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,33 @@ from typing import Any
 from .errors import ConfigError
 
 MLP_KINDS = ("geglu", "swiglu", "relu", "gelu")
+
+
+BOOLEANS = {"true": True, "false": False, "yes": True, "no": False, "on": True, "off": False, "1": True, "0": False}
+
+
+def parse_field(key: str, annotation: str, raw: str) -> Any:
+    """`raw` (a command-line string) as a value of the field's annotated type: `bool`, `int`, `float`, `str`, or any
+    of those `| None` (`none` / `null`)."""
+    kinds = {part.strip() for part in annotation.split("|")}
+    text = raw.strip()
+    if "None" in kinds and text.lower() in ("none", "null"):
+        return None
+    try:
+        if "bool" in kinds:
+            return BOOLEANS[text.lower()]
+        if "int" in kinds:
+            return int(text)
+        if "float" in kinds:
+            value = float(text)
+            if not math.isfinite(value):
+                raise ValueError
+            return value
+    except (KeyError, ValueError):
+        expected = sorted(kinds - {"None"})[0] + (" or none" if "None" in kinds else "")
+        example = {"bool": "true or false", "int": "an integer", "float": "a finite number"}.get(expected, expected)
+        raise ConfigError(f"{key}={raw!r} is not a valid {expected}; give {example}") from None
+    return raw
 
 
 @dataclass
@@ -141,51 +169,18 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
     def with_overrides(self, overrides: list[str]) -> "ModelConfig":
-        """Apply `key=value` strings (values parsed as JSON, else kept as strings), e.g. `["n_layers=4", "mlp=relu"]`."""
+        """Apply `key=value` strings, each parsed by its field's type (`parse_field`), e.g. `["n_layers=4",
+        "mlp=relu", "tie_embeddings=false"]`. The name records the overrides: `transformer-mini[n_layers=4]`."""
         changes: dict[str, Any] = {}
-        known = {f.name for f in dataclasses.fields(self)}
+        fields = {f.name: f for f in dataclasses.fields(self)}
         for item in overrides:
             key, sep, raw = item.partition("=")
             if not sep:
                 raise ConfigError(f"override {item!r} must look like key=value, e.g. n_layers=4")
-            try:
-                value = json.loads(raw)
-            except json.JSONDecodeError:
-                value = raw
-            if key in known:
-                changes[key] = value
-            else:
-                hint = difflib.get_close_matches(key, known, n=1)
+            if key not in fields:
+                hint = difflib.get_close_matches(key, fields, n=1)
                 raise ConfigError(f"unknown config field {key!r}" + (f"; did you mean {hint[0]!r}?" if hint else ""))
+            changes[key] = parse_field(key, str(fields[key].type), raw)
+        if "name" not in changes:
+            changes["name"] = f"{self.name}[{','.join(overrides)}]"
         return self.replace(**changes)
-
-
-# ---------------------------------------------------------------------- presets
-PRESETS: dict[str, ModelConfig] = {}
-
-
-def register_preset(config: ModelConfig) -> ModelConfig:
-    """Add a named config to the registry (names are unique)."""
-    if config.name in PRESETS:
-        raise ValueError(f"preset {config.name!r} is registered twice")
-    PRESETS[config.name] = config
-    return config
-
-
-def get_preset(name: str) -> ModelConfig:
-    """Return a copy of the preset `name`; an unknown name raises ConfigError with the closest matches."""
-    _load_builtin_presets()
-    if name not in PRESETS:
-        hint = difflib.get_close_matches(name, PRESETS, n=3)
-        raise ConfigError(f"unknown preset {name!r}" + (f"; did you mean {', '.join(hint)}?" if hint else "")
-                          + " (run `kitelm presets` for the list)")
-    return dataclasses.replace(PRESETS[name])
-
-
-def list_presets() -> list[ModelConfig]:
-    _load_builtin_presets()
-    return list(PRESETS.values())
-
-
-def _load_builtin_presets() -> None:
-    from . import presets  # noqa: F401  (registers on import)

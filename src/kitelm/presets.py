@@ -1,9 +1,51 @@
-"""Named model configurations. Every architecture module adds its own presets here, next to the baseline's.
+"""Named model configurations: the preset registry and every built-in preset, grouped by architecture.
 
 The vocabulary size of a preset is the byte-level tokenizer's (257); training with another tokenizer replaces it.
 """
 
-from .config import ModelConfig, register_preset
+from __future__ import annotations
+
+import dataclasses
+import difflib
+
+from .config import ModelConfig
+from .errors import ConfigError
+
+PRESETS: dict[str, ModelConfig] = {}
+
+
+def register_preset(config: ModelConfig) -> ModelConfig:
+    """Add a named config to the registry (names are unique)."""
+    if config.name in PRESETS:
+        raise ValueError(f"preset {config.name!r} is registered twice")
+    PRESETS[config.name] = config
+    return config
+
+
+def get_preset(name: str) -> ModelConfig:
+    """Return a copy of the preset `name`; an unknown name raises ConfigError with the closest matches."""
+    if name not in PRESETS:
+        hint = difflib.get_close_matches(name, PRESETS, n=3)
+        raise ConfigError(f"unknown preset {name!r}" + (f"; did you mean {', '.join(hint)}?" if hint else "")
+                          + " (run `kitelm presets` for the list)")
+    return dataclasses.replace(PRESETS[name])
+
+
+def list_presets() -> list[ModelConfig]:
+    return list(PRESETS.values())
+
+
+def preset_rows() -> list[dict]:
+    """Name, architecture and parameter counts of every preset (built on the meta device: no memory, no time)."""
+    from .models import build_model
+
+    rows = []
+    for config in list_presets():
+        model = build_model(config, device="meta")
+        rows.append({"model": config.name, "arch": config.arch, "params": model.num_params(),
+                     "non_embedding_params": model.num_params(non_embedding=True)})
+    return rows
+
 
 # --- baseline transformer -------------------------------------------------------------------------------------
 register_preset(ModelConfig(name="transformer-tiny", width=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=128))

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 # glibc hands every freed block above 32 MiB back to the OS, so each new big tensor costs page faults and
-# memory-bound CPU code runs 2-4x slower (shared/docs/perf.md, "allocator trap"). Keep them in the process.
+# memory-bound CPU code runs slower (benchmarks/NOTES.md, "The allocator trap"). Keep them in the process.
 ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "68719476736",
                  "MALLOC_TOP_PAD_": "1073741824"}
 

@@ -2,12 +2,12 @@
 
 The blocks study reproduces, at CPU scale, the comparison of He & Hofmann 2023 (Figs. 5 and 26): Pre-LN, Parallel,
 SAS, SAS-P and SAS-P without norm trained for the same steps and tokens over several seeds, with the reference's
-optimiser (brief `simplified.md` §4, §7). Griffin (`griffin-small`) and Griffin-SAS (`griffin-sas-small`, the SAS
-attention as Griffin's local attention block, issue 4 item 6) follow in the same run and table, so the one command
+optimiser (App. D.1). Griffin (`griffin-small`) and Griffin-SAS (`griffin-sas-small`, the SAS attention as Griffin's
+local attention block) follow in the same run and table, so the one command
 `kitelm study blocks` compares both the paper's blocks and the simplified attention inside Griffin's block pattern.
 It writes `results.json`, `results.md` (parameters, final validation loss mean ± std, training tokens/s) and
 `loss_vs_step.png`, `loss_vs_time.png`. Wall-clock is training time only: evaluation and checkpointing are left out,
-as in the trainer's tokens/s.
+as in the trainer's tokens/s. The variants are `settings.BLOCK_VARIANTS`, the recipe `settings.StudyRecipe`.
 """
 
 from __future__ import annotations
@@ -15,53 +15,15 @@ from __future__ import annotations
 import bisect
 import json
 import statistics
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
-from .config import get_preset
-from .errors import ConfigError
-from .train.trainer import TrainConfig, Trainer
-
-# (label, preset); everything below works for any preset. Griffin and Griffin-SAS (issue 4 item 6) run in the same
-# study, so the simplified attention is compared inside Griffin's (R, R, A) pattern under the same recipe.
-BLOCK_VARIANTS = (
-    ("Pre-LN", "preln-small"),
-    ("Parallel", "parallel-small"),
-    ("SAS", "sas-small"),
-    ("SAS-P", "sas-p-small"),
-    ("SAS-P, no norm", "sas-p-nonorm-small"),
-    ("Griffin", "griffin-small"),
-    ("Griffin-SAS", "griffin-sas-small"),
-)
-
-
-@dataclass
-class StudyRecipe:
-    """Shared training recipe. Paper (App. D.1, reference `train.yaml`): AdamW (0.9, 0.999), weight decay 0.1,
-    clip 1.0, 5% linear warmup then linear decay to ~0, peak LR 1e-3 (best for Pre-LN, SAS and SAS-P), T = 128."""
-
-    steps: int = 1000
-    seeds: int = 3
-    batch_size: int = 16
-    seq_len: int = 128  # the paper's context length
-    lr: float = 1e-3
-    eval_points: int = 10  # validation evaluations per run
-    eval_tokens: int = 32_768
-    data: str | None = None  # text file, folder or glob; None = the Python standard library
-
-    @classmethod
-    def quick(cls) -> "StudyRecipe":
-        """A smoke run of the whole pipeline (about 2 minutes on 2 CPU cores); its losses mean little."""
-        return cls(steps=20, seeds=1, batch_size=8, seq_len=64, eval_points=2, eval_tokens=2048)
-
-    def train_config(self, out_dir: Path, seed: int) -> TrainConfig:
-        every = max(1, self.steps // self.eval_points)
-        return TrainConfig(out_dir=str(out_dir), data=self.data, steps=self.steps, batch_size=self.batch_size,
-                           seq_len=self.seq_len, lr=self.lr, min_lr_ratio=0.0, warmup_steps=max(1, self.steps // 20),
-                           schedule="linear", weight_decay=0.1, beta1=0.9, beta2=0.999, grad_clip=1.0, eval_every=every,
-                           eval_tokens=self.eval_tokens, save_every=self.steps, keep_last=1,
-                           log_every=max(1, min(5, every)), seed=seed)
+from ..errors import ConfigError
+from ..plotting import saved_figure
+from ..presets import get_preset
+from ..train.trainer import Trainer
+from .settings import BLOCK_VARIANTS, StudyRecipe
 
 
 def _curves(metrics: list[dict]) -> dict:
@@ -151,23 +113,13 @@ def results_table(results: dict) -> str:
 
 def _plot(results: dict, x_key: str, x_label: str, path: Path) -> None:
     """Mean validation loss over seeds (band: min to max) against `x_key` ("step" or "train_s")."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    for v in results["variants"]:
-        runs = v["runs"]
-        n = min(len(r["val_loss"]) for r in runs)
-        x = [statistics.fmean(r[x_key][i] for r in runs) for i in range(n)]
-        losses = [[r["val_loss"][i] for r in runs] for i in range(n)]
-        ax.plot(x, [statistics.fmean(col) for col in losses], "o-", lw=1.5, ms=3, label=v["label"])
-        if len(runs) > 1:
-            ax.fill_between(x, [min(col) for col in losses], [max(col) for col in losses], alpha=0.2)
-    ax.set(xlabel=x_label, ylabel="validation loss (nats/token)", title="Simplified transformer blocks")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with saved_figure(path) as (ax,):
+        for v in results["variants"]:
+            runs = v["runs"]
+            n = min(len(r["val_loss"]) for r in runs)
+            x = [statistics.fmean(r[x_key][i] for r in runs) for i in range(n)]
+            losses = [[r["val_loss"][i] for r in runs] for i in range(n)]
+            ax.plot(x, [statistics.fmean(col) for col in losses], "o-", lw=1.5, ms=3, label=v["label"])
+            if len(runs) > 1:
+                ax.fill_between(x, [min(col) for col in losses], [max(col) for col in losses], alpha=0.2)
+        ax.set(xlabel=x_label, ylabel="validation loss (nats/token)", title="Simplified transformer blocks")

@@ -1,5 +1,6 @@
 """Causal self-attention with multi-head, grouped-query and multi-query variants (through `n_kv_heads`), RoPE and
-`scaled_dot_product_attention`. With a `KVCache` it decodes incrementally; with padded `positions` (−1) it masks pads.
+`scaled_dot_product_attention`. With a `KVCache` (its inference state, defined here) it decodes incrementally; with
+padded `positions` (−1) it masks pads.
 """
 
 from __future__ import annotations
@@ -8,9 +9,44 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..cache import KVCache
+from ..errors import KitelmError
 from .linear import Linear
 from .rope import RotaryEmbedding
+from .state import LayerState
+
+
+class KVCache(LayerState):
+    """Keys and values of one attention layer: `k, v [B, H_kv, capacity, hd]`, `pos [B, capacity]` (−1 = empty/pad).
+
+    Preallocated to a capacity, written in place, never concatenated. Slots are filled left to right; `length` counts
+    the filled slots (shared by all rows: left padding is recorded as position −1). Buffers are batch-first
+    (`layers/state.py`).
+    """
+
+    def __init__(self, batch: int, kv_heads: int, capacity: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str | None = None):
+        super().__init__()
+        self.register_buffer("k", torch.zeros(batch, kv_heads, capacity, head_dim, dtype=dtype, device=device))
+        self.register_buffer("v", torch.zeros(batch, kv_heads, capacity, head_dim, dtype=dtype, device=device))
+        self.register_buffer("pos", torch.full((batch, capacity), -1, dtype=torch.long, device=device))
+        self.length = 0
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[2]
+
+    def append(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor):
+        """Write `k, v [B, H_kv, T, hd]` at the next T slots; return all filled keys, values and their positions."""
+        t = k.shape[2]
+        end = self.length + t
+        if end > self.capacity:
+            raise KitelmError(f"KV cache full: {end} tokens exceed its capacity of {self.capacity}; "
+                              "allocate the cache with a larger capacity (max_len)")
+        self.k[:, :, self.length:end] = k
+        self.v[:, :, self.length:end] = v
+        self.pos[:, self.length:end] = positions
+        self.length = end
+        return self.k[:, :, :end], self.v[:, :, :end], self.pos[:, :end]
 
 
 def causal_mask(k_pos: torch.Tensor, q_slot: torch.Tensor, k_slot: torch.Tensor) -> torch.Tensor:
@@ -49,6 +85,11 @@ class Attention(nn.Module):
         self.v = Linear(width, kv_heads * head_dim, bias=bias)
         self.out = Linear(n_heads * head_dim, width, bias=bias)
         self.rope = rope
+
+    def new_state(self, batch: int, max_len: int, dtype: torch.dtype,
+                  device: torch.device | str | None = None) -> KVCache:
+        """An empty cache for `batch` rows of up to `max_len` tokens."""
+        return KVCache(batch, self.kv_heads, max_len, self.head_dim, dtype, device)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor | None, cache: KVCache | None = None) -> torch.Tensor:
         b, t, _ = x.shape

@@ -25,14 +25,16 @@ from torch import nn
 
 from .linear import Linear
 from .rope import RotaryEmbedding
+from .state import LayerState
 
 
-class RingKVCache(nn.Module):
+class RingKVCache(LayerState):
     """The last `window` keys/values of one local-attention layer: `k, v [B, H_kv, window, hd]`; the token seen at
     step τ (counting every token, pads included) lives in slot τ mod window. `segment [B, window]` is each slot's
     document id (−1 = empty), `last_segment [B]` the id of the latest token, `count` the number of tokens seen.
     Its size does not depend on `count`. `value_heads` (default `kv_heads`) sets the heads of `v`: the shaped
     attention stores its values, the normalised inputs split into all n_heads heads, as `v [B, n_heads, window, hd]`.
+    Buffers are batch-first (`layers/state.py`); `count` is shared by all rows.
 
     GDM's ring (torch/modules.py:187-223, :256-286) counts each row's real tokens (`segment_pos[-1] + 1`) and cannot
     take chunks; counting every step and storing document ids instead makes any chunk continue the state exactly."""
@@ -70,9 +72,6 @@ class RingKVCache(nn.Module):
         self.segment[:, slots] = segment[:, t - m:]
         self.last_segment.copy_(segment[:, -1])
         self.count += t
-
-    def nbytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in (self.k, self.v, self.segment, self.last_segment))
 
 
 Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -150,6 +149,11 @@ class LocalAttention(nn.Module):
             nn.init.normal_(proj.weight, std=math.sqrt(1.0 / proj.in_features))
         nn.init.normal_(self.proj_final.weight, std=math.sqrt(self.final_var_scale / self.proj_final.in_features))
         nn.init.zeros_(self.proj_final.bias)
+
+    def new_state(self, batch: int, max_len: int, dtype: torch.dtype,
+                  device: torch.device | str | None = None) -> RingKVCache:
+        """An empty ring of `window` slots (`max_len` is ignored: the state is bounded)."""
+        return RingKVCache(batch, self.kv_heads, self.window, self.head_dim, dtype, device)
 
     def forward(self, x: torch.Tensor, segment_pos: torch.Tensor, cache: RingKVCache | None = None) -> torch.Tensor:
         b, t, _ = x.shape

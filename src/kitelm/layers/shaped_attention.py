@@ -33,8 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..cache import KVCache
-from .attention import cached_keys_and_mask
+from .attention import KVCache, cached_keys_and_mask
 from .linear import Linear
 from .local_attention import RingKVCache, local_attend
 from .rope import RotaryEmbedding
@@ -107,6 +106,11 @@ class ShapedAttention(nn.Module):
             for p in (self.alpha, self.beta, self.gamma):
                 if p is not None:
                     p.no_weight_decay = True  # no weight decay on any gain (reference train_utils.py)
+
+    def new_state(self, batch: int, max_len: int, dtype: torch.dtype,
+                  device: torch.device | str | None = None) -> KVCache:
+        """An empty cache for `batch` rows of up to `max_len` tokens (one K/V head per query head)."""
+        return KVCache(batch, self.n_heads, max_len, self.head_dim, dtype, device)
 
     def reset_special_parameters(self) -> None:
         """Initialisations that differ from N(0, init_std); call after the model-wide Linear init."""
@@ -190,6 +194,12 @@ class LocalShapedAttention(nn.Module):
         """W_q = 0 (Ã = I at init); W_k ~ N(0, 1/D) (GDM LocalAttentionBlock)."""
         nn.init.zeros_(self.proj_q.weight)
         nn.init.normal_(self.proj_k.weight, std=self.proj_k.in_features**-0.5)
+
+    def new_state(self, batch: int, max_len: int, dtype: torch.dtype,
+                  device: torch.device | str | None = None) -> RingKVCache:
+        """An empty ring of `window` slots (`max_len` is ignored: the state is bounded); its values are the
+        normalised inputs split into all n_heads heads."""
+        return RingKVCache(batch, self.kv_heads, self.window, self.head_dim, dtype, device, value_heads=self.n_heads)
 
     def forward(self, x: torch.Tensor, segment_pos: torch.Tensor, cache: RingKVCache | None = None) -> torch.Tensor:
         b, t, _ = x.shape

@@ -1,20 +1,34 @@
 """What every kitelm language model shares: token embedding → blocks → final norm → (tied) head, parameter
 accounting, weight-decay groups, and the inference-cache protocol used by `kitelm.generate`.
 
-Subclasses build `self.blocks` (each block `forward(x, positions, state) -> x`) and implement `new_layer_state`.
+Subclasses build `self.blocks`: each block has `forward(x, positions, state) -> x` and `new_state(batch, max_len,
+dtype, device)`, the inference state of its temporal layer (`layers/`); `new_cache` collects them into a `ModelCache`.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch import nn
 
-from ..cache import ModelCache
 from ..layers.linear import Linear
 from ..ops.decode import linear
+
+
+@dataclass
+class ModelCache:
+    """A model's inference state: `layers[i]`, block i's state (a `layers.state.LayerState`, batch-first buffers),
+    and `next_pos [B]`, the position of each row's next token."""
+
+    layers: list
+    next_pos: torch.Tensor
+
+    def nbytes(self) -> int:
+        """Bytes held by the cache's tensors (the inference state's size)."""
+        return sum(layer.nbytes() for layer in self.layers)
 
 
 class LanguageModel(nn.Module):
@@ -33,11 +47,6 @@ class LanguageModel(nn.Module):
     @staticmethod
     def validate_config(config, need: Callable[[bool, str], None]) -> None:
         """Architecture-specific checks; call `need(condition, message)` for each."""
-
-    def new_layer_state(self, index: int, batch_size: int, capacity: int, dtype: torch.dtype,
-                        device: torch.device):
-        """The inference state of block `index` (or None if it keeps none)."""
-        raise NotImplementedError
 
     def embed_tokens(self, input_ids: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
         """Token ids [B, T] (and their positions, for models with a position table) → [B, T, D]."""
@@ -71,7 +80,7 @@ class LanguageModel(nn.Module):
         ref = next(self.parameters())
         dtype, device = dtype or ref.dtype, torch.device(device) if device else ref.device
         capacity = max_len or self.config.max_seq_len
-        layers = [self.new_layer_state(i, batch_size, capacity, dtype, device) for i in range(len(self.blocks))]
+        layers = [block.new_state(batch_size, capacity, dtype, device) for block in self.blocks]
         return ModelCache(layers, torch.zeros(batch_size, dtype=torch.long, device=device))
 
     # ------------------------------------------------------------------ accounting

@@ -9,7 +9,7 @@ Deltas from the baseline transformer (`transformer.py`):
   Hawk is "R" only. With `attention_kind="shaped"` (Griffin-SAS, issue 4 item 6) A is instead the local shaped
   attention of He & Hofmann 2023 (`layers/shaped_attention.py` LocalShapedAttention): α·I + β·softmax(QKᵀ/√d + M) − γ·C
   over the window, identity values and no output projection, so the block is the identity of its input at init.
-  Recurrent block (GDM torch/modules.py:496-680):
+  Recurrent block (`layers/recurrent.py`, GDM torch/modules.py:496-680):
       y = gelu_tanh(W_y x + b_y);  u = RG-LRU(Conv1D(W_x x + b_x));  out = W_out(u ⊙ y) + b_out
 - RMSNorm with gain (1 + scale), scale initialised to 0, in the input dtype (GDM torch/layers.py:30-73);
 - GeGLU MLP with biases, hidden 3·D (GDM torch/modules.py:683-752: gate = branch 0, value = branch 1);
@@ -24,58 +24,17 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ..layers.conv1d import Conv1D
-from ..layers.linear import Linear
-from ..layers.local_attention import LocalAttention, RingKVCache
+from ..layers.local_attention import LocalAttention
 from ..layers.mlp import MLP
 from ..layers.norms import RMSNorm
-from ..layers.rglru import RGLRU
+from ..layers.recurrent import RecurrentBlock
 from ..layers.shaped_attention import LocalShapedAttention
 from .base import LanguageModel
 
 BLOCK_KINDS = {"R": "recurrent", "A": "attention"}
 ATTENTION_KINDS = ("mqa", "shaped")
-
-
-class RecurrentState(nn.Module):
-    """One recurrent block's state: `conv [B, K−1, L]` (model dtype) and `h [B, L]` (float32, GDM
-    torch/layers.py:367-376). Its size does not depend on the number of tokens seen."""
-
-    def __init__(self, batch: int, lru_width: int, conv_width: int, dtype: torch.dtype,
-                 device: torch.device | str | None = None):
-        super().__init__()
-        self.register_buffer("conv", torch.zeros(batch, conv_width - 1, lru_width, dtype=dtype, device=device))
-        self.register_buffer("h", torch.zeros(batch, lru_width, dtype=torch.float32, device=device))
-
-    def nbytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in (self.conv, self.h))
-
-
-class RecurrentBlock(nn.Module):
-    """x [B, T, D], segment_pos [B, T], state → [B, T, D] (updates `state` in place)."""
-
-    def __init__(self, width: int, lru_width: int, num_heads: int, conv_width: int, final_var_scale: float):
-        super().__init__()
-        self.linear_y = Linear(width, lru_width)
-        self.linear_x = Linear(width, lru_width)
-        self.linear_out = Linear(lru_width, width)
-        self.conv_1d = Conv1D(lru_width, conv_width)
-        self.rg_lru = RGLRU(lru_width, num_heads)
-        for lin, scale in ((self.linear_y, 1.0), (self.linear_x, 1.0), (self.linear_out, final_var_scale)):
-            nn.init.normal_(lin.weight, std=math.sqrt(scale / lin.in_features))
-            nn.init.zeros_(lin.bias)
-
-    def forward(self, x: torch.Tensor, segment_pos: torch.Tensor, state: RecurrentState | None) -> torch.Tensor:
-        y = F.gelu(self.linear_y(x), approximate="tanh")  # the tanh GeLU, GDM torch/modules.py:291
-        u, conv_state = self.conv_1d(self.linear_x(x), segment_pos, state.conv if state is not None else None)
-        u, h = self.rg_lru(u, segment_pos, state.h if state is not None else None)
-        if state is not None:
-            state.conv.copy_(conv_state)
-            state.h.copy_(h)
-        return self.linear_out(u * y)
 
 
 class ResidualBlock(nn.Module):
@@ -101,6 +60,10 @@ class ResidualBlock(nn.Module):
         for lin, scale in ((self.mlp.gate, 1.0), (self.mlp.up, 1.0), (self.mlp.down, final_var_scale)):
             nn.init.normal_(lin.weight, std=math.sqrt(scale / lin.in_features))
             nn.init.zeros_(lin.bias)
+
+    def new_state(self, batch: int, max_len: int, dtype: torch.dtype, device: torch.device | str | None = None):
+        """The temporal block's bounded state (`max_len` is ignored)."""
+        return self.temporal_block.new_state(batch, max_len, dtype, device)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor | None, state) -> torch.Tensor:
         if positions is None:
@@ -151,14 +114,6 @@ class Griffin(LanguageModel):
     def embed_tokens(self, input_ids: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
         x = self.embed(input_ids)
         return x * self.embed_scale if self.config.embed_scale_sqrt else x
-
-    def new_layer_state(self, index, batch_size, capacity, dtype, device):
-        """Bounded states: `capacity` is ignored."""
-        c = self.config
-        if self.blocks[index].kind == "recurrent":
-            return RecurrentState(batch_size, c.lru_width or c.width, c.conv_width, dtype, device)
-        value_heads = c.n_heads if c.attention_kind == "shaped" else c.kv_heads  # shaped: the input x is the value
-        return RingKVCache(batch_size, c.kv_heads, c.attention_window, c.dim_per_head, dtype, device, value_heads)
 
     def attention_flops_per_token(self, seq_len: int) -> float:
         """Scores and weighted sum over at most window + 1 keys per query, ×3 for the backward pass."""

@@ -39,8 +39,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..cache import KVCache
 from ..errors import KitelmError
+from ..layers.attention import KVCache
 from ..layers.mlp import MLP
 from ..layers.norms import RMSNorm
 from ..layers.rope import RotaryEmbedding
@@ -92,6 +92,10 @@ class SimplifiedBlock(nn.Module):
             self.register_buffer(name, torch.full((1,), init), persistent=False)
         else:
             setattr(self, name, None)
+
+    def new_state(self, batch: int, max_len: int, dtype: torch.dtype,
+                  device: torch.device | str | None = None) -> KVCache:
+        return self.attn.new_state(batch, max_len, dtype, device)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor | None, cache: KVCache | None) -> torch.Tensor:
         h = self.norm1(x)
@@ -146,10 +150,6 @@ class SimplifiedTransformer(LanguageModel):
         need(not skipless or c.mlp_gain_init < 1,
              "a block without attention skip needs a down-weighted MLP branch, β_FF = O(1/√depth) < 1 at init "
              "(paper Sec. 4.1: 0.1 at 18 layers); lower mlp_gain_init" + hint)
-
-    def new_layer_state(self, index, batch_size, capacity, dtype, device):
-        c = self.config
-        return KVCache(batch_size, c.n_heads, capacity, c.dim_per_head, dtype, device)
 
     def embed_tokens(self, input_ids: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
         """Token embeddings plus, with `pos_embedding="learned"`, the learned position table (GPT-2's `wpe`)."""

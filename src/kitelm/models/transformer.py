@@ -11,8 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..cache import KVCache
-from ..layers.attention import Attention
+from ..layers.attention import Attention, KVCache
 from ..layers.mlp import MLP
 from ..layers.norms import RMSNorm
 from ..layers.rope import RotaryEmbedding
@@ -27,6 +26,10 @@ class TransformerBlock(nn.Module):
         self.mlp_norm = RMSNorm(config.width, config.norm_eps)
         self.mlp = MLP(config.width, config.mlp_width, config.mlp)
 
+    def new_state(self, batch: int, max_len: int, dtype: torch.dtype,
+                  device: torch.device | str | None = None) -> KVCache:
+        return self.attn.new_state(batch, max_len, dtype, device)
+
     def forward(self, x: torch.Tensor, positions: torch.Tensor | None, cache: KVCache | None) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x), positions, cache)
         return x + self.mlp(self.mlp_norm(x))
@@ -39,10 +42,6 @@ class Transformer(LanguageModel):
         self.blocks = nn.ModuleList(TransformerBlock(config, rope) for _ in range(config.n_layers))
         self.norm = RMSNorm(config.width, config.norm_eps)
         init_linear_(self, config.init_std, residual_std(config))
-
-    def new_layer_state(self, index, batch_size, capacity, dtype, device):
-        c = self.config
-        return KVCache(batch_size, c.kv_heads, capacity, c.dim_per_head, dtype, device)
 
     def attention_flops_per_token(self, seq_len: int) -> float:
         """Scores and weighted sum: 2 matmuls · 2 FLOPs · (causal average seq_len/2) · heads · hd, ×3 for backward."""

@@ -11,21 +11,21 @@ import sys
 
 import torch
 
-from ..config import get_preset
-from ..models import build_model
+from ...presets import get_preset
+from ...generate import prefill
+from ...models import build_model
+from ..machine import ALLOCATOR_ENV, peak_rss_bytes
+from .report import model_lines
 
-_PREFILL_CHUNK = 4096
+NOTE = ("State bytes: KV cache for global attention (allocation for L tokens), conv + RG-LRU state + ring "
+        "buffer for Griffin/Hawk after L tokens. Peak RSS: a fresh process prefilling L tokens as `generate` does "
+        "(passes of 2,048 tokens into the cache).")
 
 
-@torch.no_grad()
 def state_bytes_after(model, length: int) -> int:
-    """Feed `length` random tokens in chunks through a cache sized for them; return the cache's bytes."""
+    """Prefill `length` random tokens into a cache sized for them (as `generate` does); return the cache's bytes."""
     cache = model.new_cache(1, max_len=length)
-    done = 0
-    while done < length:
-        n = min(_PREFILL_CHUNK, length - done)
-        model(torch.randint(0, model.config.vocab_size, (1, n)), cache=cache)
-        done += n
+    prefill(model, torch.randint(0, model.config.vocab_size, (1, length)), torch.arange(length)[None], cache)
     return cache.nbytes()
 
 
@@ -36,32 +36,27 @@ def kv_cache_bytes(model, length: int) -> int:
 
 
 def _peak_rss_child(name: str, length: int) -> int:
-    code = ("import json, torch; from kitelm.bench.memory import _prefill_peak; "
+    code = ("import json, torch; from kitelm.experiments.bench.memory import _prefill_peak; "
             f"print(json.dumps(_prefill_peak({name!r}, {length})))")
-    from .machine import ALLOCATOR_ENV
-
     env = {k: v for k, v in os.environ.items() if k not in ALLOCATOR_ENV}  # the 1 GiB top pad would inflate RSS
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-@torch.no_grad()
 def _prefill_peak(name: str, length: int) -> int:
-    from ..generate import prefill
-    from .machine import peak_rss_bytes
-
     model = build_model(get_preset(name)).eval()
     cache = model.new_cache(1, max_len=length)
     prefill(model, torch.randint(0, model.config.vocab_size, (1, length)), torch.arange(length)[None], cache)
     return peak_rss_bytes()
 
 
-def run(models: list[str], lengths: list[int], rss_max_len: int, log) -> list[dict]:
+def run(settings, machine: dict, log) -> list[dict]:
+    rss_max_len = settings.rss_max_len
     rows = []
-    for name in models:
+    for name in settings.memory_models:
         model = build_model(get_preset(name)).eval()
         bounded = model.config.arch == "griffin"
-        for length in lengths:
+        for length in settings.memory_lengths:
             nbytes = state_bytes_after(model, length) if bounded else kv_cache_bytes(model, length)
             row = {"model": name, "context": length, "state_bytes": nbytes}
             if length <= rss_max_len:
@@ -71,3 +66,7 @@ def run(models: list[str], lengths: list[int], rss_max_len: int, log) -> list[di
                 + (f", prefill peak RSS {row['prefill_peak_rss_bytes'] / 2**20:7.0f} MiB" if "prefill_peak_rss_bytes"
                    in row else ""))
     return rows
+
+
+def plot(rows: list[dict], settings, out) -> None:
+    model_lines(rows, "context", "state_bytes", out / "memory_state.png", "Inference state vs context length", "bytes")

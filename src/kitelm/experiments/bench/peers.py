@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from ...models.griffin import BLOCK_KINDS
+
 HF_ACT = {"geglu": "gelu_pytorch_tanh", "swiglu": "silu"}
 
 
@@ -33,7 +35,6 @@ def peer_for(config) -> tuple[str, torch.nn.Module] | None:
     if config.arch == "griffin":
         from transformers import RecurrentGemmaConfig, RecurrentGemmaForCausalLM
 
-        kinds = {"R": "recurrent", "A": "attention"}
         hf = RecurrentGemmaConfig(num_hidden_layers=config.n_layers, vocab_size=config.vocab_size,
                                   hidden_size=config.width, intermediate_size=2 * config.mlp_width,
                                   num_attention_heads=config.n_heads, num_key_value_heads=config.kv_heads,
@@ -42,6 +43,6 @@ def peer_for(config) -> tuple[str, torch.nn.Module] | None:
                                   logits_soft_cap=config.logit_softcap or 1e9,  # HF always caps; 1e9 ≈ none
                                   rms_norm_eps=config.norm_eps,
                                   partial_rotary_factor=config.rope_fraction, rope_theta=config.rope_base,
-                                  block_types=[kinds[c] for c in config.block_pattern])
+                                  block_types=[BLOCK_KINDS[c] for c in config.block_pattern])
         return "transformers RecurrentGemma", RecurrentGemmaForCausalLM(hf).eval()
     return None

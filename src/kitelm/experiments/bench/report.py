@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
+from types import ModuleType
+
+from ...plotting import saved_figure
 
 
 def _fmt(value) -> str:
@@ -23,67 +27,29 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _plot_lines(rows: list[dict], x: str, y: str, path: Path, title: str, ylabel: str, logx: bool = True) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    for key in dict.fromkeys((r["model"], r.get("impl", "kitelm")) for r in rows):
-        pts = [(r[x], r[y]) for r in rows if (r["model"], r.get("impl", "kitelm")) == key and y in r]
-        if pts:
-            ax.plot(*zip(*pts), "o-", label=f"{key[0]} ({key[1]})" if "impl" in rows[0] else key[0])
-    if logx:
+def model_lines(rows: list[dict], x: str, y: str, path: Path, title: str, ylabel: str) -> None:
+    """One line per (model, implementation) of `y` against `x`, on a log2 x axis."""
+    with saved_figure(path, legend_fontsize=8) as (ax,):
+        for key in dict.fromkeys((r["model"], r.get("impl", "kitelm")) for r in rows):
+            pts = [(r[x], r[y]) for r in rows if (r["model"], r.get("impl", "kitelm")) == key and y in r]
+            if pts:
+                ax.plot(*zip(*pts), "o-", label=f"{key[0]} ({key[1]})" if "impl" in rows[0] else key[0])
         ax.set_xscale("log", base=2)
-    ax.set(xlabel=x, ylabel=ylabel, title=title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+        ax.set(xlabel=x, ylabel=ylabel, title=title)
 
 
-def write(out: Path, machine: dict, settings: dict, results: dict[str, list[dict]], notes: dict[str, str]) -> None:
+def write(out: Path, machine: dict, settings, results: dict[str, list[dict]],
+          experiments: dict[str, ModuleType]) -> None:
+    """Write every result so far; each experiment module gives its `NOTE` and, if it has one, its `plot`."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps({"machine": machine, "settings": settings, "results": results},
+    (out / "results.json").write_text(json.dumps({"machine": machine, "settings": asdict(settings), "results": results},
                                                  indent=2) + "\n")
     md = [f"# kitelm bench\n\nMachine: {machine['cpu']}, {machine['threads']} threads, torch {machine['torch']}, "
-          f"dtype {settings['dtype']}, allocator env {'set' if machine['allocator_env'] else 'NOT set'}, "
+          f"dtype {settings.dtype}, allocator env {'set' if machine['allocator_env'] else 'NOT set'}, "
           f"commit {machine['commit']}.  \nCommand: `{machine['command']}`\n"]
     for name, rows in results.items():
-        md.append(f"\n## {name}\n\n{notes.get(name, '')}\n\n{markdown_table(rows)}")
+        md.append(f"\n## {name}\n\n{experiments[name].NOTE}\n\n{markdown_table(rows)}")
     (out / "results.md").write_text("\n".join(md))
-    if results.get("sample"):
-        _plot_lines(results["sample"], "generated", "throughput_tok_s", out / "sample_throughput.png",
-                    f"Sampling throughput after a {settings['prompt_len']}-token prompt (batch 1)",
-                    "tokens / s")
-    if results.get("memory"):
-        _plot_lines(results["memory"], "context", "state_bytes", out / "memory_state.png",
-                    "Inference state vs context length", "bytes")
-    if results.get("scan"):
-        _plot_scan(results["scan"], out / "scan_bandwidth.png")
-
-
-def _plot_scan(rows: list[dict], path: Path) -> None:
-    """Bars: effective fwd+bwd GB/s of each backend per shape, against the measured DRAM bandwidth."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    shapes = list(dict.fromkeys("×".join(map(str, r["shape"])) for r in rows))
-    backends = list(dict.fromkeys(r["backend"] for r in rows))
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    width = 0.8 / len(backends)
-    for i, backend in enumerate(backends):
-        values = [next((r["fwd_bwd_gbps"] for r in rows if r["backend"] == backend
-                        and "×".join(map(str, r["shape"])) == s), 0) for s in shapes]
-        ax.bar([j + i * width for j in range(len(shapes))], values, width, label=backend)
-    ax.axhline(rows[0]["bandwidth_gbps"], color="k", ls="--", lw=1, label="DRAM bandwidth")
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(shapes))], shapes)
-    ax.set(ylabel="effective GB/s (fwd+bwd, 32 B/elem)", title="Linear scan h_t = a_t h_{t-1} + x_t")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    for name, rows in results.items():
+        if rows and hasattr(experiments[name], "plot"):
+            experiments[name].plot(rows, settings, out)

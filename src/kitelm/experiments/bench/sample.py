@@ -8,10 +8,15 @@ import time
 
 import torch
 
-from ..config import get_preset
-from ..generate import Sampling, generate_tokens
-from ..models import build_model
+from ...presets import get_preset
+from ...generate import Sampling, generate_tokens
+from ...models import build_model
 from .peers import peer_for
+from .report import model_lines
+
+NOTE = ("Greedy decoding at batch 1 after the prompt; throughput = N / time to the N-th token; decode rate = "
+        "tokens/s over the last 10 % of those N tokens. HF peers are capped at `peer_max_len` (their caches "
+        "grow by concatenation).")
 
 
 class _TimingStreamer:
@@ -56,18 +61,18 @@ def _summarise(start: float, times: list[float], lengths: list[int]) -> list[dic
     return out
 
 
-def run(models: list[str], prompt_len: int, lengths: list[int], peer_max_len: int, log,
-        peers: bool = True) -> list[dict]:
+def run(settings, machine: dict, log) -> list[dict]:
+    prompt_len, lengths = settings.prompt_len, settings.lengths
     rows = []
     torch.manual_seed(0)
-    for name in models:
+    for name in settings.sample_models:
         config = get_preset(name)
         prompt = torch.randint(0, config.vocab_size, (prompt_len,)).tolist()
         ours = build_model(config).eval()
         candidates = [("kitelm", ours, _arrivals_ours, max(lengths))]
-        peer = peer_for(config) if peers else None
+        peer = peer_for(config) if settings.peers else None
         if peer is not None:  # HF's growing caches make very long runs take hours: capped at peer_max_len
-            candidates.append((peer[0], peer[1], _arrivals_hf, min(max(lengths), peer_max_len)))
+            candidates.append((peer[0], peer[1], _arrivals_hf, min(max(lengths), settings.peer_max_len)))
         for impl, model, arrivals, n in candidates:
             start, times = arrivals(model, prompt, n)
             for point in _summarise(start, times, lengths):
@@ -75,3 +80,9 @@ def run(models: list[str], prompt_len: int, lengths: list[int], peer_max_len: in
                 log(f"sample {name:<18} {impl:<28} {point['generated']:>6} tokens: "
                     f"{point['throughput_tok_s']:7.1f} tok/s (decode {point['decode_rate_tok_s']:7.1f} tok/s)")
     return rows
+
+
+def plot(rows: list[dict], settings, out) -> None:
+    model_lines(rows, "generated", "throughput_tok_s", out / "sample_throughput.png",
+                f"Sampling throughput after a {settings.prompt_len}-token prompt (batch 1)", "tokens / s")
+

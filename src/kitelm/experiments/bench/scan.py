@@ -13,15 +13,21 @@ from collections.abc import Sequence
 
 import torch
 
-from ..ops.scan import available_backends, linear_scan
-from .machine import dram_bandwidth, time_runs
+from ...ops.scan import available_backends, linear_scan
+from ...plotting import saved_figure
+from ..machine import dram_bandwidth, time_runs
 
 FWD_BYTES_PER_ELEM = 12  # fp32: read a, x; write h
 FWD_BWD_BYTES_PER_ELEM = 32  # + backward: read a, h, dh; write da, dx
-DEFAULT_SHAPES = ((8, 4096, 1024), (8, 1024, 256))
+NOTE = ("h_t = a_t·h_{t-1} + x_t in fp32; effective GB/s counts 12 B/elem forward, 32 B/elem forward+backward; "
+        "floor = bytes ÷ measured DRAM bandwidth (256 MiB add).")
 
 
-def run_scan_bench(shapes: Sequence[tuple[int, int, int]] = DEFAULT_SHAPES, repeats: int = 5) -> list[dict]:
+def run(settings, machine: dict, log) -> list[dict]:
+    return run_scan_bench(settings.scan_shapes, settings.repeats)
+
+
+def run_scan_bench(shapes: Sequence[tuple[int, int, int]], repeats: int = 5) -> list[dict]:
     """One dict per (shape, backend): times in ms, effective GB/s, fraction of the bandwidth floor, speed-up vs ref.
 
     Keys: shape, backend, threads, bandwidth_gbps, and for mode in (fwd, fwd_bwd): {mode}_ms (fastest run),
@@ -66,3 +72,18 @@ def run_scan_bench(shapes: Sequence[tuple[int, int, int]] = DEFAULT_SHAPES, repe
                 row[f"{mode}_speedup_vs_ref"] = ref[f"{mode}_ms"] / row[f"{mode}_ms"]
         rows += shape_rows
     return rows
+
+
+def plot(rows: list[dict], settings, out) -> None:
+    """Bars: effective fwd+bwd GB/s of each backend per shape, against the measured DRAM bandwidth."""
+    shapes = list(dict.fromkeys("×".join(map(str, r["shape"])) for r in rows))
+    backends = list(dict.fromkeys(r["backend"] for r in rows))
+    width = 0.8 / len(backends)
+    with saved_figure(out / "scan_bandwidth.png", legend_fontsize=8) as (ax,):
+        for i, backend in enumerate(backends):
+            values = [next((r["fwd_bwd_gbps"] for r in rows if r["backend"] == backend
+                            and "×".join(map(str, r["shape"])) == s), 0) for s in shapes]
+            ax.bar([j + i * width for j in range(len(shapes))], values, width, label=backend)
+        ax.axhline(rows[0]["bandwidth_gbps"], color="k", ls="--", lw=1, label="DRAM bandwidth")
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(shapes))], shapes)
+        ax.set(ylabel="effective GB/s (fwd+bwd, 32 B/elem)", title="Linear scan h_t = a_t h_{t-1} + x_t")

@@ -6,13 +6,19 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..config import get_preset
-from ..models import build_model
-from .machine import median_seconds
+from ...presets import get_preset
+from ...models import build_model
+from ..machine import median_seconds
 from .peers import peer_for
 
+NOTE = ("One AdamW step (forward + backward + update) on random tokens; MFU = tokens/s × model FLOPs per token "
+        "(6·N + attention, kitelm's count for both implementations) ÷ measured fp32 GEMM peak.")
+NEEDS_GEMM_PEAK = True  # `run_bench` measures the GEMM peak first (recorded with the machine)
 
-def _step_fn(model, batch: torch.Tensor, hf: bool):
+
+def training_step(model, batch: torch.Tensor, hf: bool = False):
+    """A function running one AdamW step of `model` on `batch [B, T+1]` (next-token loss; `hf`: a transformers
+    model)."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
 
     def step():
@@ -27,20 +33,20 @@ def _step_fn(model, batch: torch.Tensor, hf: bool):
     return step
 
 
-def run(models: list[str], batch_size: int, seq_len: int, peak_flops: float, repeats: int, log,
-        peers: bool = True) -> list[dict]:
+def run(settings, machine: dict, log) -> list[dict]:
+    batch_size, seq_len, peak_flops = settings.batch_size, settings.seq_len, machine["gemm_peak_gflops"] * 1e9
     rows = []
-    for name in models:
+    for name in settings.train_models:
         config = get_preset(name)
         ours = build_model(config).train()
         flops = ours.flops_per_token(seq_len)
         batch = torch.randint(0, config.vocab_size, (batch_size, seq_len + 1))
         candidates = [("kitelm", ours, False)]
-        peer = peer_for(config) if peers else None
+        peer = peer_for(config) if settings.peers else None
         if peer is not None:
             candidates.append((peer[0], peer[1].train(), True))
         for impl, model, hf in candidates:
-            seconds = median_seconds(_step_fn(model, batch, hf), repeats=repeats, warmup=2)
+            seconds = median_seconds(training_step(model, batch, hf), repeats=settings.repeats, warmup=2)
             tps = batch_size * seq_len / seconds
             rows.append({"model": name, "impl": impl, "params": sum(p.numel() for p in model.parameters()),
                          "batch": batch_size, "seq_len": seq_len, "step_ms": 1e3 * seconds, "tokens_per_s": tps,

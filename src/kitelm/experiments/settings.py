@@ -1,0 +1,154 @@
+"""The settings of every experiment, one hierarchy:
+
+    Sizes                 batch and context of the model runs, shared by every experiment
+    ├── BenchSettings     `kitelm bench`: which models each measurement runs, at which lengths
+    └── StudyRecipe       `kitelm study`: a training recipe (steps, seeds, optimiser, evaluations, corpus)
+        └── ReproduceScale  `kitelm reproduce`: a recipe plus the sizes of every experiment; it derives the recipe
+                            and the bench settings of its experiments (`recipe()`, `bench()`)
+
+Each class has the defaults of its command; `quick()` shrinks a command to a smoke run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..presets import get_preset
+from ..errors import KitelmError
+from ..train.trainer import TrainConfig
+
+DEFAULT_STEPS = 300  # `kitelm reproduce`: training steps of every trained experiment at the reference budget
+# The blocks study's (label, preset) pairs: the paper's variants (He & Hofmann 2023), then Griffin and Griffin-SAS, so
+# the simplified attention is compared inside Griffin's (R, R, A) pattern under the same recipe.
+BLOCK_VARIANTS = (
+    ("Pre-LN", "preln-small"),
+    ("Parallel", "parallel-small"),
+    ("SAS", "sas-small"),
+    ("SAS-P", "sas-p-small"),
+    ("SAS-P, no norm", "sas-p-nonorm-small"),
+    ("Griffin", "griffin-small"),
+    ("Griffin-SAS", "griffin-sas-small"),
+)
+
+
+@dataclass
+class Sizes:
+    """Sequences per batch and tokens per sequence of an experiment's model runs."""
+
+    batch_size: int = 16
+    seq_len: int = 128
+
+
+@dataclass
+class BenchSettings(Sizes):
+    """Sizes of the `kitelm bench` measurements (batch_size × seq_len is the training-throughput batch)."""
+
+    batch_size: int = 8
+    seq_len: int = 512
+    repeats: int = 5
+    train_models: list[str] = field(default_factory=lambda: ["transformer-small", "sas-p-small", "hawk-small",
+                                                             "griffin-small"])
+    sample_models: list[str] = field(default_factory=lambda: ["griffin-small", "transformer-small"])
+    prompt_len: int = 2048
+    lengths: list[int] = field(default_factory=lambda: [256, 1024, 4096, 16384])
+    peer_max_len: int = 4096
+    memory_models: list[str] = field(default_factory=lambda: ["griffin-small", "hawk-small", "transformer-small"])
+    memory_lengths: list[int] = field(default_factory=lambda: [1024, 4096, 16384, 65536])
+    rss_max_len: int = 16384
+    scan_shapes: list[tuple[int, int, int]] = field(default_factory=lambda: [(8, 4096, 1024), (8, 1024, 256)])
+    dtype: str = "float32"
+    peers: bool = True  # also measure the installed HF peers (train, sample)
+
+    @classmethod
+    def quick(cls) -> "BenchSettings":
+        return cls(batch_size=4, seq_len=256, repeats=2, prompt_len=256, lengths=[64, 256, 1024], peer_max_len=256,
+                   memory_lengths=[1024, 4096], rss_max_len=4096, scan_shapes=[(4, 1024, 256)],
+                   train_models=["transformer-small", "griffin-small"])
+
+    def check(self) -> None:
+        """Refuse impossible sizes before any work starts."""
+        for name in {*self.train_models, *self.sample_models, *self.memory_models}:
+            get_preset(name)
+        total = _total_memory_bytes()
+        for name in self.memory_models:
+            config = get_preset(name)
+            if config.arch != "griffin":
+                kv = 2 * config.n_layers * config.kv_heads * config.dim_per_head * 4 * max(self.memory_lengths)
+                if total and kv > 0.8 * total:
+                    raise KitelmError(f"a {max(self.memory_lengths):,}-token KV cache of {name} needs "
+                                      f"{kv / 2**30:.1f} GiB, more than this machine's {total / 2**30:.1f} GiB; "
+                                      "use shorter memory lengths")
+        if any(n <= 0 for n in (self.batch_size, self.seq_len, self.repeats, self.prompt_len, *self.lengths)):
+            raise KitelmError("benchmark sizes must be positive integers")
+
+
+def _total_memory_bytes() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+@dataclass
+class StudyRecipe(Sizes):
+    """Shared training recipe. Paper (App. D.1, reference `train.yaml`): AdamW (0.9, 0.999), weight decay 0.1,
+    clip 1.0, 5% linear warmup then linear decay to ~0, peak LR 1e-3 (best for Pre-LN, SAS and SAS-P), T = 128."""
+
+    steps: int = 1000
+    seeds: int = 3
+    seq_len: int = 128  # the paper's context length
+    lr: float = 1e-3
+    eval_points: int = 10  # validation evaluations per run
+    eval_tokens: int = 32_768
+    data: str | None = None  # text file, folder or glob; None = the Python standard library
+
+    @classmethod
+    def quick(cls) -> "StudyRecipe":
+        """A smoke run of the whole pipeline (about 2 minutes on 2 CPU cores); its losses mean little."""
+        return cls(steps=20, seeds=1, batch_size=8, seq_len=64, eval_points=2, eval_tokens=2048)
+
+    def train_config(self, out_dir: Path, seed: int) -> TrainConfig:
+        every = max(1, self.steps // self.eval_points)
+        return TrainConfig(out_dir=str(out_dir), data=self.data, steps=self.steps, batch_size=self.batch_size,
+                           seq_len=self.seq_len, lr=self.lr, min_lr_ratio=0.0, warmup_steps=max(1, self.steps // 20),
+                           schedule="linear", weight_decay=0.1, beta1=0.9, beta2=0.999, grad_clip=1.0, eval_every=every,
+                           eval_tokens=self.eval_tokens, save_every=self.steps, keep_last=1,
+                           log_every=max(1, min(5, every)), seed=seed)
+
+
+@dataclass
+class ReproduceScale(StudyRecipe):
+    """Sizes of every `kitelm reproduce` experiment. `reproduce.plan.plan(budget)` derives them from the budget;
+    tests pass tiny ones directly. `steps` and `seeds` are the block study's (and `steps` the extrapolation runs')."""
+
+    steps: int = DEFAULT_STEPS
+    seeds: int = 2
+    task_steps: int = DEFAULT_STEPS
+    batch_size: int = 16
+    seq_len: int = 128  # the simplified-blocks paper's context; extrapolation is evaluated up to 4× this
+    block_variants: tuple = BLOCK_VARIANTS  # the whole `kitelm study blocks`: paper variants, Griffin, Griffin-SAS
+    throughput_models: tuple = ("transformer-small", "griffin-small")  # SAS/SAS-P speed: from the block study
+    repeats: int = 3
+    lm_models: tuple = (("Griffin", "griffin-small"), ("Transformer", "transformer-small"))
+    eval_windows: int = 16
+    task_models: tuple = (("Griffin", "griffin-small"), ("Hawk", "hawk-small"), ("Transformer", "transformer-small"))
+    tasks: tuple = ("selective-copy", "induction")
+    sample_models: tuple = ("griffin-small", "transformer-small")
+    prompt_len: int = 256
+    sample_lengths: tuple = (128, 512, 2048)
+    memory_models: tuple = ("griffin-small", "hawk-small", "transformer-small")
+    memory_lengths: tuple = (512, 2048, 8192, 32768)
+    rss_max_len: int = 2048
+    paper_sizes: tuple = ("preln-paper", "sas-paper", "sas-p-paper")
+
+    def recipe(self, **changes) -> StudyRecipe:
+        """This scale's training recipe (its StudyRecipe fields), with `changes`."""
+        base = {f.name: getattr(self, f.name) for f in dataclasses.fields(StudyRecipe)}
+        return StudyRecipe(**(base | changes))
+
+    def bench(self, **changes) -> BenchSettings:
+        """Bench settings at this scale's batch, context and repeats, with `changes` (the models and lengths)."""
+        return BenchSettings(batch_size=self.batch_size, seq_len=self.seq_len, repeats=self.repeats, **changes)
