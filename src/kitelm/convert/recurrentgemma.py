@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import shutil
 from pathlib import Path
@@ -190,8 +191,12 @@ def read_hf_folder(folder: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
 def read_gdm_file(path: Path, **config_overrides) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # weights_only refused a Python object: never unpickled
+        raise CheckpointError(f"{path} holds pickled Python objects besides tensors, which kitelm never loads; "
+                              "save the plain state dict (torch.save(model.state_dict(), path)) and convert that") from None
     except Exception as err:  # torch raises many kinds of errors on non-checkpoint files
-        raise CheckpointError(f"{path} is not a PyTorch state dict ({err.__class__.__name__}: {err})") from None
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise CheckpointError(f"{path} is not a PyTorch state dict ({err.__class__.__name__}: {first_line})") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path} does not hold a state dict of tensors")
     config = config_from_gdm_state(state, name=path.stem, **config_overrides)
@@ -271,15 +276,21 @@ def _pattern(kinds: list[str]) -> str:
     return "".join(kinds[:n])
 
 
+CHAT_TEMPLATE_FILES = ("tokenizer_config.json", "chat_template.jinja")  # transformers' homes of a chat template
+
+
 def convert(src: str | Path, out: str | Path, tokenizer: str | Path | None = None, **config_overrides) -> Path:
     """Write `src` (HF folder or official state-dict file) as a kitelm checkpoint folder `out`: model.safetensors,
-    config.json, tokenizer.model, manifest.json. Written into a hidden temporary folder, then renamed: a failure
+    config.json, tokenizer.model, manifest.json, and the chat template files beside `src` or the tokenizer (kept
+    as they are). Written into a hidden temporary folder, then renamed: a failure
     leaves nothing behind."""
     from safetensors.torch import save_file
 
     from ..checkpoint import CONFIG_FILE, MANIFEST_FILE, MODEL_FILE, _fsync, _sha256
 
     src, out = Path(src), Path(out)
+    if not src.exists():
+        raise KitelmError(f"{src} does not exist; pass an HF RecurrentGemma folder or an official state-dict file")
     if out.exists():
         raise KitelmError(f"{out} already exists; choose a new --out folder")
     tok = find_tokenizer(src, tokenizer)
@@ -299,6 +310,10 @@ def convert(src: str | Path, out: str | Path, tokenizer: str | Path | None = Non
                                                      "converted_from": str(src)})
         model.config.save(tmp / CONFIG_FILE)
         tok.save(tmp)
+        for folder in {src if src.is_dir() else src.parent, Path(tokenizer).parent if tokenizer else None} - {None}:
+            for name in CHAT_TEMPLATE_FILES:  # the chat template `kitelm serve` and `kitelm chat` render
+                if (folder / name).is_file():
+                    shutil.copyfile(folder / name, tmp / name)
         files = sorted(p for p in tmp.iterdir() if p.is_file())
         manifest = {p.name: {"sha256": _sha256(p), "bytes": p.stat().st_size} for p in files}
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")

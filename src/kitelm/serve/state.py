@@ -5,7 +5,7 @@ running sequences in one batch cache and needs three things from it, whatever th
 
     gather(model, [(cache, rows), ...], headroom) → a new cache holding those rows, in that order
     state_nbytes(cache)                           → bytes held (the memory a sequence costs)
-    save_state / load_state                       → a conversation's state on disk
+    save_state / load_state                       → a conversation's state on disk (safetensors)
 
 Every layer state is one of three kinds, told apart by its buffers (the classes live beside their layers):
 
@@ -109,44 +109,54 @@ def kv_room(cache) -> int | None:
     return None
 
 
-def save_state(cache, path, meta: dict | None = None) -> None:
-    """Write a single-row cache (and `meta`, e.g. the conversation's token count) to `path` (torch.save)."""
-    layers = []
-    for s in cache.layers:
+def save_state(cache, path, meta: dict[str, str] | None = None) -> None:
+    """Write a single-row cache to `path` (safetensors; counters stored as tensors, so a Griffin/Hawk state file
+    has the same size whatever the conversation's length). `meta`: string metadata kept beside it."""
+    from safetensors.torch import save_file
+
+    tensors = {"next_pos": cache.next_pos.cpu().contiguous()}
+    kinds = []
+    for i, s in enumerate(cache.layers):
         kind = _kind(s)
-        tensors = {} if s is None else {name: b.cpu() for name, b in s.named_buffers()}
+        kinds.append(kind)
+        for name, b in (s.named_buffers() if s is not None else []):
+            tensors[f"layers.{i}.{name}"] = b.detach().cpu().contiguous()
         counter = {"kv": "length", "ring": "count"}.get(kind)
-        layers.append({"kind": kind, "tensors": tensors, "counter": getattr(s, counter) if counter else None})
-    torch.save({"kitelm_state": 1, "layers": layers, "next_pos": cache.next_pos.cpu(), "meta": meta or {}}, path)
-
-
-def load_state(model, path) -> tuple[object, dict]:
-    """(cache, meta) read back from `save_state`; refuses a file written for another architecture."""
+        if counter:
+            tensors[f"layers.{i}.{counter}"] = torch.tensor([getattr(s, counter)], dtype=torch.long)
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError) as err:
+        save_file(tensors, str(path), metadata={"kitelm_state": "1", "kinds": ",".join(kinds), **(meta or {})})
+    except OSError as err:
+        raise KitelmError(f"cannot write conversation state {path} ({err.strerror or err})") from None
+
+
+def load_state(model, path) -> tuple[object, dict[str, str]]:
+    """(cache, meta) read back from `save_state`; refuses a file written for another model."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as err:  # safetensors raises its own error types for a file that is not one of its files
         raise KitelmError(f"cannot read conversation state {path} ({err})") from None
-    if not isinstance(data, dict) or data.get("kitelm_state") != 1:
+    if meta.get("kitelm_state") != "1":
         raise KitelmError(f"{path} is not a kitelm conversation state (written by /save)")
-    first = data["layers"]
-    kv = next((layer for layer in first if layer["kind"] == "kv"), None)
-    cap = kv["tensors"]["pos"].shape[1] if kv else 1
+    kinds = meta.get("kinds", "").split(",")
+    cap = next((tensors[f"layers.{i}.pos"].shape[1] for i, k in enumerate(kinds) if k == "kv"), 1)
     ref = next(model.parameters())
     cache = model.new_cache(1, max_len=max(1, cap), dtype=ref.dtype, device=ref.device)
-    if len(cache.layers) != len(first):
-        raise KitelmError(f"{path} holds {len(first)} layer states but the model has {len(cache.layers)}")
-    for saved, dest in zip(first, cache.layers):
-        if saved["kind"] != _kind(dest):
-            raise KitelmError(f"{path} was saved from another architecture ({saved['kind']} vs {_kind(dest)})")
+    if kinds != [_kind(s) for s in cache.layers]:
+        raise KitelmError(f"{path} was saved from another architecture; load it with the model that wrote it")
+    for i, (kind, dest) in enumerate(zip(kinds, cache.layers)):
         for name, b in (dest.named_buffers() if dest is not None else []):
-            t = saved["tensors"].get(name)
+            t = tensors.get(f"layers.{i}.{name}")
             if t is None or t.shape != b.shape:
-                raise KitelmError(f"{path} does not match this model (buffer {name}); load it with the model that "
-                                  "wrote it")
+                raise KitelmError(f"{path} does not match this model (buffer layers.{i}.{name}); load it with the "
+                                  "model that wrote it")
             b.copy_(t)
-        if saved["kind"] == "kv":
-            dest.length = saved["counter"]
-        elif saved["kind"] == "ring":
-            dest.count = saved["counter"]
-    cache.next_pos.copy_(data["next_pos"])
-    return cache, data["meta"]
+        counter = {"kv": "length", "ring": "count"}.get(kind)
+        if counter:
+            setattr(dest, counter, int(tensors[f"layers.{i}.{counter}"][0]))
+    cache.next_pos.copy_(tensors["next_pos"])
+    return cache, {k: v for k, v in meta.items() if k not in ("kitelm_state", "kinds")}

@@ -1,0 +1,317 @@
+"""`kitelm serve`: the OpenAI client against a server on a free loopback port, the engine's batching and kept state,
+chat templates, bad input. Models are tiny random-weight models whose output head cannot pick a non-ASCII byte or
+EOS, so greedy text round-trips through the byte tokenizer and runs for exactly max_tokens."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+import torch
+
+from kitelm.api import LM
+from kitelm.data.tokenizer import ByteTokenizer
+from kitelm.generate import Sampling, generate_tokens
+from kitelm.models import build_model
+from kitelm.presets import get_preset
+from kitelm.serve.engine import Engine, GenerationParams, Request
+from kitelm.serve.server import ServeOptions, ServerThread
+from kitelm.serve.state import load_state, save_state
+from kitelm.serve.templates import ChatTemplate, load_chat_template
+
+ARCHS = ["griffin-tiny", "transformer-tiny"]
+GEMMA_TEMPLATE = (  # google/recurrentgemma-2b-it tokenizer_config.json "chat_template"
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+    "{% endif %}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if (message['role'] == 'assistant') %}{% set role = 'model' %}{% else %}{% set role = message['role'] %}"
+    "{% endif %}{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{'<start_of_turn>model\n'}}{% endif %}")
+
+
+def tiny_lm(preset: str) -> LM:
+    torch.manual_seed(0)
+    model = build_model(get_preset(preset).replace(tie_embeddings=False)).eval()
+    with torch.no_grad():
+        model.head.weight[128:] = 0  # logit 0 for non-ASCII bytes and EOS: greedy picks the best ASCII byte
+    return LM(model, ByteTokenizer())
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def server(request):
+    lm = tiny_lm(request.param)
+    with ServerThread(lm, ServeOptions(max_seqs=4, prefill_chunk=16)) as s:
+        s.lm, s.name = lm, lm.config.name
+        s.client = openai.OpenAI(base_url=s.base_url, api_key="unused", max_retries=0, timeout=60)
+        yield s
+
+
+def solo(lm: LM, prompt: str, n: int) -> str:
+    return lm.generate(prompt, max_new_tokens=n, temperature=0.0)
+
+
+def metric(s, name: str) -> float:
+    text = httpx.get(s.base_url.removesuffix("/v1") + "/metrics").text
+    return float(next(line.split()[1] for line in text.splitlines() if line.startswith(name + " ")))
+
+
+# ---------------------------------------------------------------------- OpenAI client
+def test_models_lists_the_served_model(server):
+    assert [m.id for m in server.client.models.list().data] == [server.name]
+
+
+def test_greedy_completion_equals_lm_generate(server):
+    for prompt in ("def fib(n):", "hello world, this is a longer prompt than one chunk of sixteen"):
+        r = server.client.completions.create(model=server.name, prompt=prompt, max_tokens=24, temperature=0)
+        assert r.choices[0].text == solo(server.lm, prompt, 24)
+        assert r.choices[0].finish_reason == "length"
+        assert r.usage.completion_tokens == 24 and r.usage.prompt_tokens == len(prompt)
+
+
+def test_chat_streams_deltas_then_finish_reason_then_done(server):
+    messages = [{"role": "user", "content": "Say something."}]
+    full = server.client.chat.completions.create(model=server.name, messages=messages, max_tokens=12, temperature=0)
+    chunks = list(server.client.chat.completions.create(model=server.name, messages=messages, max_tokens=12,
+                                                        temperature=0, stream=True,
+                                                        stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == full.choices[0].message.content and len(text) == 12
+    finals = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finals == ["length"]
+    assert chunks[-1].usage.completion_tokens == 12
+    with httpx.stream("POST", server.base_url + "/chat/completions", json={"messages": messages, "max_tokens": 3,
+                                                                           "stream": True}) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in r.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    assert json.loads(lines[-2][6:])["choices"][0]["finish_reason"] == "length"
+
+
+def test_stop_string_ends_the_text_before_it(server):
+    free = solo(server.lm, "stop here:", 20)
+    stop = free[5:7]
+    r = server.client.completions.create(model=server.name, prompt="stop here:", max_tokens=20, temperature=0,
+                                         stop=[stop])
+    assert r.choices[0].finish_reason == "stop"
+    assert r.choices[0].text == free[:free.index(stop)]
+
+
+def test_n_choices_and_seed_reproducibility(server):
+    kwargs = dict(model=server.name, prompt="sample me", max_tokens=16, temperature=1.0, n=3, seed=1234)
+    a = server.client.completions.create(**kwargs)
+    b = server.client.completions.create(**kwargs)
+    assert [c.index for c in a.choices] == [0, 1, 2]
+    assert [c.text for c in a.choices] == [c.text for c in b.choices]
+    assert len({c.text for c in a.choices}) > 1  # each choice has its own generator
+    c = server.client.completions.create(**{**kwargs, "seed": 99})
+    assert [x.text for x in c.choices] != [x.text for x in a.choices]
+
+
+def test_continued_conversation_equals_cold_request_with_whole_history(server):
+    history = [{"role": "user", "content": "First question?"}]
+    first = server.client.chat.completions.create(model=server.name, messages=history, max_tokens=10, temperature=0)
+    history += [{"role": "assistant", "content": first.choices[0].message.content},
+                {"role": "user", "content": "And the second?"}]
+    warm = server.client.chat.completions.create(model=server.name, messages=history, max_tokens=10, temperature=0)
+    assert warm.usage.prompt_tokens_details.cached_tokens > first.usage.prompt_tokens  # continued from kept state
+    server.engine.state_cache.clear()
+    cold = server.client.chat.completions.create(model=server.name, messages=history, max_tokens=10, temperature=0)
+    assert cold.usage.prompt_tokens_details.cached_tokens == 0
+    assert warm.choices[0].message.content == cold.choices[0].message.content
+
+
+def test_concurrent_clients_each_get_their_solo_output(server):
+    prompts = [f"client {i} says " + "x" * (3 * i) for i in range(7)]  # 7 clients, 4 slots: joins and queueing
+    expected = [solo(server.lm, p, 20) for p in prompts]
+    got: dict[int, str] = {}
+
+    def run(i):
+        stream = server.client.completions.create(model=server.name, prompt=prompts[i], max_tokens=20,
+                                                  temperature=0, stream=True)
+        got[i] = "".join(c.choices[0].text for c in stream if c.choices)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert [got.get(i) for i in range(len(prompts))] == expected
+
+
+def test_disconnect_mid_stream_frees_the_slot(server):
+    if not server.engine.bounded:
+        pytest.skip("the transformer's 128-token context ends a stream before a client could leave it")
+    with httpx.stream("POST", server.base_url + "/completions",
+                      json={"prompt": "long one", "max_tokens": 60000, "stream": True}, timeout=30) as r:
+        for i, _ in enumerate(r.iter_lines()):
+            if i >= 3:
+                break
+    deadline = time.monotonic() + 20
+    while metric(server, "kitelm_running_sequences") > 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert metric(server, "kitelm_running_sequences") == 0
+    assert metric(server, "kitelm_generated_tokens_total") < 50000  # it left long before max_tokens
+    r = server.client.completions.create(model=server.name, prompt="still up", max_tokens=4, temperature=0)
+    assert r.choices[0].text == solo(server.lm, "still up", 4)
+
+
+def test_echo_logprobs_with_max_tokens_0_scores_the_prompt(server):
+    """lm-evaluation-harness local-completions scoring: echo + logprobs, max_tokens 0."""
+    prompt = "score this text"
+    r = server.client.completions.create(model=server.name, prompt=prompt, max_tokens=0, echo=True, logprobs=1,
+                                         temperature=0)
+    lp = r.choices[0].logprobs
+    assert r.choices[0].text == prompt and lp.tokens == list(prompt) and lp.token_logprobs[0] is None
+    ids = torch.tensor([list(prompt.encode())])
+    with torch.no_grad():
+        ref = torch.log_softmax(server.lm.model(ids)[0].float(), -1)
+    expected = [float(ref[i, ids[0, i + 1]]) for i in range(len(prompt) - 1)]
+    assert lp.token_logprobs[1:] == pytest.approx(expected, abs=1e-4)
+    assert all(len(top) == 1 for top in lp.top_logprobs[1:])
+    tokens = server.client.completions.create(model=server.name, prompt=list(prompt.encode()), max_tokens=1,
+                                              echo=True, logprobs=0, temperature=0)  # token-id prompts too
+    assert tokens.choices[0].logprobs.token_logprobs[1:len(prompt)] == pytest.approx(expected, abs=1e-4)
+
+
+# ---------------------------------------------------------------------- bad input
+def _post(s, path, body, headers=None):
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return httpx.post(s.base_url + path, content=content,
+                      headers={"content-type": "application/json", **(headers or {})})
+
+
+def test_bad_inputs_get_openai_errors_and_the_server_stays_up(server):
+    ok_chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    cases = [
+        ("/completions", b"{not json", 400),
+        ("/completions", {"prompt": 5}, 400),
+        ("/completions", {"prompt": "x", "max_tokens": "ten"}, 400),
+        ("/completions", {"prompt": "x", "max_tokens": -1}, 400),
+        ("/completions", {"prompt": "x", "max_tokens": 10**12}, 400),
+        ("/completions", {"prompt": "x", "temperature": -1}, 400),
+        ("/completions", {"prompt": "x", "model": "gpt-17"}, 404),
+        ("/completions", {"prompt": ""}, 400),
+        ("/completions", {"prompt": [300]}, 400),
+        ("/chat/completions", {"messages": []}, 400),
+        ("/chat/completions", {"messages": "hi"}, 400),
+        ("/chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]}, 400),
+        ("/chat/completions", {**ok_chat, "n": 0}, 400),
+        ("/nowhere", {}, 404),
+    ]
+    for path, body, status in cases:
+        r = _post(server, path, body)
+        assert r.status_code == status, (path, body, r.text)
+        err = r.json()["error"]
+        assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    with httpx.Client(base_url=server.base_url, headers={"content-type": "application/json"}) as flood:
+        for i in range(1000):  # a flood of malformed requests on one connection
+            assert flood.post("/chat/completions", content=b"{" * (i % 7 + 1)).status_code == 400
+    assert _post(server, "/completions", b'{"prompt": "' + b"a" * (5 << 20) + b'"}').status_code == 413
+    r = server.client.chat.completions.create(model=server.name, messages=ok_chat["messages"], max_tokens=2)
+    assert r.choices[0].finish_reason == "length"
+    assert httpx.get(server.base_url.removesuffix("/v1") + "/health").json() == {"status": "ok"}
+
+
+def test_prompt_beyond_transformer_context_is_400():
+    lm = tiny_lm("transformer-tiny")  # max_seq_len 128
+    with ServerThread(lm) as s:
+        r = _post(s, "/completions", {"prompt": "y" * 120, "max_tokens": 20})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+        assert _post(s, "/completions", {"prompt": "y" * 100, "max_tokens": 20}).status_code == 200
+
+
+def test_api_key_full_queue_and_bad_template(tmp_path):
+    lm = tiny_lm("hawk-tiny")
+    with ServerThread(lm, ServeOptions(api_key="sekrit", max_queue=0)) as s:
+        assert _post(s, "/completions", {"prompt": "x"}).status_code == 401
+        r = _post(s, "/completions", {"prompt": "x"}, headers={"authorization": "Bearer sekrit"})
+        assert r.status_code == 429 and r.headers["retry-after"] == "1"
+        assert r.json()["error"]["type"] == "rate_limit_error"
+    (tmp_path / "strict.jinja").write_text(GEMMA_TEMPLATE)
+    with ServerThread(lm, ServeOptions(chat_template=str(tmp_path / "strict.jinja"))) as s:
+        r = _post(s, "/chat/completions", {"messages": [{"role": "system", "content": "x"}]})
+        assert r.status_code == 400 and "System role not supported" in r.json()["error"]["message"]
+    (tmp_path / "broken.jinja").write_text("{% for m in messages %}")
+    with pytest.raises(Exception, match="not valid Jinja2"):
+        load_chat_template(lm.tokenizer, None, tmp_path / "broken.jinja")
+
+
+# ---------------------------------------------------------------------- engine, kept state, templates
+def _run(engine: Engine, prompt: list[int], max_tokens: int, **kw):
+    done = threading.Event()
+    out: dict = {"ids": []}
+
+    def on_event(ev):
+        if ev.kind == "token":
+            out["ids"] += ev.token_ids
+        elif ev.kind in ("done", "error"):
+            out["done"] = ev
+            done.set()
+
+    engine.submit(Request(prompt, GenerationParams(max_tokens=max_tokens, temperature=0.0), on_event, **kw))
+    assert done.wait(60)
+    return out["ids"], out["done"]
+
+
+@pytest.mark.parametrize("preset", ["griffin-tiny", "transformer-tiny", "hawk-tiny", "griffin-sas-tiny"])
+def test_greedy_output_identical_with_and_without_kept_state(preset):
+    lm = tiny_lm(preset)
+    engine = Engine(lm.model, lm.tokenizer, max_seqs=3, prefill_chunk=5).start()
+    try:
+        first = list(b"a prompt longer than the local window of sixteen")
+        gen, done = _run(engine, first, 20)
+        follow = first + gen[:-1] + list(b" then more")
+        warm, warm_done = _run(engine, follow, 20)
+        assert warm_done.cached_tokens == len(first) + len(gen) - 1
+        ref = [int(t) for t in generate_tokens(lm.model, [follow], 20, Sampling(0.0))]
+        assert warm == ref
+    finally:
+        engine.stop()
+
+
+def test_griffin_state_file_has_a_fixed_size(tmp_path):
+    lm = tiny_lm("griffin-tiny")
+    engine = Engine(lm.model, lm.tokenizer).start()
+    try:
+        sizes = []
+        for n in (5, 60):
+            _, done = _run(engine, list(b"x" * n), 3, return_state=True)
+            save_state(done.state, tmp_path / f"s{n}.state")
+            sizes.append((tmp_path / f"s{n}.state").stat().st_size)
+        assert sizes[0] == sizes[1]
+        state, _ = load_state(lm.model, tmp_path / "s60.state")
+        resumed, _ = _run(engine, list(b"!"), 8, start_state=state)
+        whole = list(b"x" * 60) + _run(engine, list(b"x" * 60), 3)[0][:2] + list(b"!")
+        assert resumed == [int(t) for t in generate_tokens(lm.model, [whole], 8, Sampling(0.0))]
+    finally:
+        engine.stop()
+
+
+def test_gemma_template_renders_turns_and_stops_at_end_of_turn():
+    class GemmaLikeTokenizer(ByteTokenizer):
+        bos_id = 2
+
+        def encode(self, text):
+            return [300] if text == "<end_of_turn>" else list(text.encode())
+
+    t = ChatTemplate(GEMMA_TEMPLATE, GemmaLikeTokenizer(), bos_token="<bos>", eos_token="<eos>")
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
+                {"role": "user", "content": "More"}]
+    assert t.render(messages) == ("<bos><start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\nHello"
+                                  "<end_of_turn>\n<start_of_turn>user\nMore<end_of_turn>\n<start_of_turn>model\n")
+    ids = t.prompt_ids(messages)
+    assert ids[0] == 2 and ids.count(2) == 1 and ids.count(300) == 3
+    assert 300 in t.stop_ids
+
+
+def test_default_template_is_used_for_kitelm_checkpoints(tmp_path):
+    t = load_chat_template(ByteTokenizer(), tmp_path)
+    assert t.origin == "default"
+    assert t.render([{"role": "user", "content": "hi"}]) == "<|user|>\nhi<|endoftext|>\n<|assistant|>\n"
+    assert t.prompt_ids([{"role": "user", "content": "hi"}])[-17:-14] == [ord("i"), 256, ord("\n")]
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ messages[0]['content'] }}!"}))
+    assert load_chat_template(ByteTokenizer(), tmp_path).render([{"role": "user", "content": "hey"}]) == "hey!"
