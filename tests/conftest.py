@@ -15,6 +15,15 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _float32_by_default(monkeypatch):
+    """`--dtype auto` means float32 in tests, on every CPU: their tolerances are derived for fp32 rounding. Tests of
+    the bf16 paths ask for bfloat16 explicitly; tests of the auto choice mock the CPU flags themselves."""
+    from kitelm import precision
+
+    monkeypatch.setattr(precision, "native_bf16", lambda device="cpu": False)
+
+
 def _python_like_text(seed: int, n_functions: int) -> str:
     rng = random.Random(seed)
     names = ["alpha", "beta", "gamma", "delta", "value", "count", "items", "total", "index", "result"]

@@ -12,6 +12,7 @@ from .convert import detect, load_foreign
 from .data.tokenizer import load_tokenizer
 from .generate import Sampling, generate_tokens
 from .models import build_model
+from .precision import inference_dtype
 from .checkpoint import CONFIG_FILE, load_weights, resolve_checkpoint, verify_checkpoint
 
 
@@ -72,9 +73,12 @@ class LM:
         return out[0] if isinstance(prompts, str) else out
 
 
-def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> LM:
+def load(path: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = "auto") -> LM:
     """Load a checkpoint folder or a run folder (its newest valid checkpoint), verified first; or a RecurrentGemma
-    checkpoint: an HF folder or an official state-dict file, with `tokenizer.model` beside it."""
+    checkpoint: an HF folder or an official state-dict file, with `tokenizer.model` beside it. `dtype`: the weights'
+    dtype, 'auto' (`kitelm.precision.inference_dtype`: float32 on a CPU, bf16 on a GPU that has it), 'float32' or
+    'bfloat16'."""
+    dtype = inference_dtype(dtype, device)
     if detect(path) is not None:
         model, tokenizer = load_foreign(path, device=device, dtype=dtype)
         return LM(model, tokenizer, Path(path))
@@ -89,6 +93,6 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
         model = model.to_empty(device=device)
     load_weights(model, folder)
     model.eval()
-    if dtype is not None:
+    if dtype != torch.float32:
         model = model.to(dtype)
     return LM(model, load_tokenizer(folder), folder)

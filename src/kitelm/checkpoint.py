@@ -122,7 +122,13 @@ def verify_checkpoint(path: str | Path) -> None:
     except FileNotFoundError:
         raise CheckpointError(f"{path} has no {MANIFEST_FILE}; it is not a complete kitelm checkpoint") from None
     except (json.JSONDecodeError, UnicodeDecodeError):
-        raise CheckpointError(f"{path / MANIFEST_FILE} is corrupt") from None
+        raise CheckpointError(f"{path / MANIFEST_FILE} is corrupt (not JSON)") from None
+    well_formed = isinstance(manifest, dict) and MODEL_FILE in manifest and all(
+        isinstance(e, dict) and isinstance(e.get("sha256"), str) and isinstance(e.get("bytes"), int)
+        for e in manifest.values())
+    if not well_formed:
+        raise CheckpointError(f"{path / MANIFEST_FILE} is corrupt: it must map every file (at least {MODEL_FILE}) to "
+                              "its sha256 and bytes")
     for name, entry in manifest.items():
         f = path / name
         if not f.is_file():

@@ -7,15 +7,52 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import sys
+import warnings
 
 from .errors import KitelmError
+from .precision import DTYPES
+from .resources import writable_folder
 
 DEFAULT_MODEL = "transformer-mini"
+DTYPE_HELP = ("compute dtype: auto (default) = bfloat16 where the CPU has native bf16 (AVX512-BF16 / AMX) or the GPU "
+              "supports it, float32 elsewhere")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (`kitelm: error: ...`, exit 2) like every other kitelm error."""
+
+    def error(self, message: str):
+        self.exit(2, f"kitelm: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _positive(kind):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not (math.isfinite(value) and value > 0):
+            raise argparse.ArgumentTypeError(f"{text!r} must be a positive finite number")
+        return value
+
+    parse.__name__ = f"positive {kind.__name__}"
+    return parse
+
+
+def _finite(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a finite number")
+    return value
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
-    from .train.trainer import TrainConfig
+    from .train.config import SCHEDULES, TrainConfig
 
     d = TrainConfig()
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"preset name (default {DEFAULT_MODEL}; see `kitelm presets`)")
@@ -26,11 +63,16 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", default=d.tokenizer, help="byte (default) or bpe:N, e.g. bpe:8192")
     p.add_argument("--out", default=d.out_dir, help=f"run folder (default {d.out_dir})")
     p.add_argument("--resume", help="'auto' (newest valid checkpoint in --out, if any) or a checkpoint folder")
-    for field in ("steps", "batch_size", "grad_accum", "seq_len", "lr", "min_lr_ratio", "warmup_steps", "schedule",
+    p.add_argument("--overwrite", action="store_true", help="replace the run already in --out (its checkpoints, "
+                   "metrics and plot are deleted); without it a folder holding a run is refused")
+    for field in ("steps", "batch_size", "grad_accum", "seq_len", "lr", "min_lr_ratio", "warmup_steps",
                   "weight_decay", "grad_clip", "eval_every", "eval_tokens", "save_every", "keep_last", "seed"):
         default = getattr(d, field)
-        p.add_argument("--" + field.replace("_", "-"), type=type(default), default=default,
-                       help=f"(default {default})")
+        p.add_argument("--" + field.replace("_", "-"), type=_finite if isinstance(default, float) else int,
+                       default=default, help=f"(default {default})")
+    p.add_argument("--schedule", choices=SCHEDULES, default=d.schedule, help=f"learning-rate decay after warmup "
+                   f"(default {d.schedule})")
+    p.add_argument("--dtype", choices=DTYPES, default=d.dtype, help=DTYPE_HELP)
     p.add_argument("--final-eval-tokens", type=int, default=131_072,
                    help="validation tokens for the final bits-per-byte report (default 131072)")
     p.add_argument("--no-sample", action="store_true", help="skip the generated sample at the end")
@@ -53,21 +95,23 @@ def cmd_train(args) -> int:
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     tc = TrainConfig(out_dir=args.out, **{k: v for k, v in vars(args).items() if k in fields and k != "out_dir"})
     trainer = Trainer(_model_config(args), tc, resume=args.resume, log=print, progress=True,
-                      distributed_mode=args.distributed)
+                      distributed_mode=args.distributed, overwrite=args.overwrite)
     try:
         return _train_and_report(trainer, args)
     finally:
+        trainer.release()
         distributed.cleanup(trainer.dist)
 
 
 def _train_and_report(trainer, args) -> int:
     from .api import LM
     from .evaluation import evaluate_bits_per_byte
+    from .precision import dtype_name
 
     tc, m, say = trainer.tc, trainer.model, trainer.log  # `say` prints on rank 0 only
     say(f"model {trainer.model_config.name}: {m.num_params() / 1e6:.2f}M parameters "
         f"({m.num_params(True) / 1e6:.2f}M non-embedding); data {trainer.data_name} ({trainer.tokenizer.name}); "
-        f"{tc.steps} steps × {tc.batch_size * tc.grad_accum} sequences")
+        f"{tc.steps} steps × {tc.batch_size * tc.grad_accum} sequences; {dtype_name(trainer.compute_dtype)}")
     result = trainer.train()
     if tc.task is not None:
         from .data.tasks import task_accuracy
@@ -77,7 +121,7 @@ def _train_and_report(trainer, args) -> int:
             f"{100 * accuracy:.1f}% ({len(trainer.val_windows)} samples)\ncheckpoint: {result['checkpoint']}")
         return 0
     report = evaluate_bits_per_byte(trainer.wrapped, trainer.data.validation, trainer.tokenizer, tc.seq_len,
-                                    args.final_eval_tokens, tc.batch_size)
+                                    args.final_eval_tokens, tc.batch_size, trainer.compute_dtype)
     say(f"\nvalidation ({report['bytes']:,} bytes): loss {report['loss']:.4f} nats/token, "
         f"{report['bits_per_byte']:.3f} bits/byte | gzip -9 {report['gzip -9']:.3f} | xz -9 {report['xz -9']:.3f}")
     say(f"checkpoint: {result['checkpoint']}  ({result['elapsed_s']:.0f} s training)")
@@ -92,7 +136,7 @@ def _train_and_report(trainer, args) -> int:
 def cmd_generate(args) -> int:
     from . import load
 
-    lm = load(args.checkpoint)
+    lm = load(args.checkpoint, dtype=args.dtype)
     prompts = args.prompt
     kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=0.0 if args.greedy else args.temperature,
                   top_k=args.top_k, top_p=args.top_p, seed=args.seed)
@@ -124,7 +168,7 @@ def cmd_eval(args) -> int:
     from .evaluation import evaluate_checkpoint
 
     r = evaluate_checkpoint(args.checkpoint, data=args.data, out=args.out, extrapolate=args.extrapolate,
-                            max_tokens=args.max_tokens, max_windows=args.windows, log=print)
+                            max_tokens=args.max_tokens, max_windows=args.windows, dtype=args.dtype, log=print)
     if "task" in r:
         print(f"{r['task']}: loss {r['loss']:.4f} nats/answer token, exact-match accuracy {100 * r['accuracy']:.1f}% "
               f"({r['samples']} samples); wrote {r['out']}/eval.json")
@@ -140,8 +184,28 @@ def cmd_eval(args) -> int:
 def cmd_convert(args) -> int:
     from .convert import convert
 
+    if args.weights not in (None, "fp32"):  # convert and quantize in one streaming pass
+        return cmd_quantize(args)
     out = convert(args.src, args.out, tokenizer=args.tokenizer)
     print(f"wrote kitelm checkpoint {out}")
+    return 0
+
+
+def _add_weight_args(p: argparse.ArgumentParser, required: bool) -> None:
+    p.add_argument("--weights", required=required, choices=("bf16", "int8", "int4") if required else
+                   ("fp32", "bf16", "int8", "int4"), help="stored weight format of every Linear layer (norms, biases "
+                   "and the RG-LRU stay fp32)")
+    p.add_argument("--group-size", type=int, default=-1, help="int8/int4: weights per scale (default: int8 32, int4 "
+                   "64; 0 = one scale per output channel, int8 only)")
+    p.add_argument("--keep-embedding", action="store_true", help="keep the (tied) embedding/output matrix in fp32")
+
+
+def cmd_quantize(args) -> int:
+    from .quant import QuantSpec, quantize_checkpoint
+
+    spec = QuantSpec(args.weights, args.group_size, embedding=not args.keep_embedding)
+    out = quantize_checkpoint(args.src, args.out, spec, tokenizer=args.tokenizer, log=print)
+    print(f"wrote {spec.weights} checkpoint {out}")
     return 0
 
 
@@ -153,6 +217,7 @@ def cmd_study(args) -> int:
 
     recipe = StudyRecipe.quick() if args.quick else StudyRecipe()
     recipe = replace(recipe, **{k: getattr(args, k) for k in ("steps", "seeds") if getattr(args, k) is not None})
+    writable_folder(args.out)
     results = run_block_study(args.out, recipe, log=print)
     print(results_table(results))
     print(f"results: {args.out}/results.json, results.md, loss_vs_step.png, loss_vs_time.png")
@@ -173,6 +238,7 @@ def cmd_bench(args) -> int:
     from .experiments.bench import EXPERIMENTS, run_bench
     from .experiments.settings import BenchSettings
 
+    writable_folder(args.out)
     _reexec_with_allocator_env(args)
     settings = BenchSettings.quick() if args.quick else BenchSettings()
     run_bench(args.experiments or list(EXPERIMENTS), args.out, settings)
@@ -187,6 +253,7 @@ def cmd_reproduce(args) -> int:
         folder = publish(args.out, args.publish)
         print(f"published {args.out} into {folder} and the results block of {args.publish}")
         return 0
+    writable_folder(args.out)
     _reexec_with_allocator_env(args)
     report = run_reproduce(args.out, args.budget_minutes)
     print(f"report: {report}")
@@ -201,12 +268,16 @@ def _human(n: int) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kitelm", description="Efficient language models: train, generate, "
-                                     "benchmark. Run `kitelm train` to train the default model on the Python "
-                                     "standard library.")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    sub = parser.add_subparsers(dest="command", required=True)
+    # --debug and --threads are accepted before or after the command (SUPPRESS: a later default never hides them)
+    common = _Parser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks on errors")
+    common.add_argument("--threads", type=_positive(int), default=argparse.SUPPRESS,
+                        help="torch CPU threads (default: torch's choice)")
+    parser = _Parser(prog="kitelm", parents=[common], description="Efficient language models: train, generate, "
+                     "benchmark. Run `kitelm train` to train the default model on the Python standard library.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    add_command = sub.add_parser
+    sub.add_parser = lambda *a, **kw: add_command(*a, parents=[common], **kw)  # every command takes the common flags
 
     p = sub.add_parser("train", help="train a model (default: transformer-mini on the Python standard library)")
     _add_train_args(p)
@@ -215,12 +286,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="generate text from a checkpoint")
     p.add_argument("--checkpoint", required=True, help="run folder or checkpoint folder")
     p.add_argument("--prompt", nargs="+", required=True, help="one or more prompts (batched)")
-    p.add_argument("--max-new-tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate per prompt (default 200)")
+    p.add_argument("--temperature", type=_finite, default=0.8, help="softmax temperature; 0 = greedy (default 0.8)")
     p.add_argument("--greedy", action="store_true", help="argmax decoding (same as --temperature 0)")
-    p.add_argument("--top-k", type=int)
-    p.add_argument("--top-p", type=float)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--top-k", type=int, help="sample among the k most likely tokens only")
+    p.add_argument("--top-p", type=_finite, help="nucleus sampling: the smallest set of tokens with probability >= p")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the sampler (default 0)")
+    p.add_argument("--dtype", choices=DTYPES, default="auto", help=DTYPE_HELP)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("eval", help="validation loss, bits per byte and loss by position (length extrapolation)")
@@ -230,7 +302,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "training length (default 4)")
     p.add_argument("--max-tokens", type=int, default=131_072, help="validation tokens for the loss (default 131072)")
     p.add_argument("--windows", type=int, default=32, help="long windows for the position curve (default 32)")
-    p.add_argument("--out", help="folder for eval.json and the plot (default: CHECKPOINT/eval)")
+    p.add_argument("--out", help="folder for eval.json and the plot (default: RUN/eval/step-N for a run's "
+                   "checkpoint, else CHECKPOINT-eval beside it)")
+    p.add_argument("--dtype", choices=DTYPES, default="auto", help=DTYPE_HELP)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("convert", help="convert a RecurrentGemma checkpoint (HF folder or official .pt state dict) "
@@ -238,7 +312,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src", help="HF folder (config.json + safetensors) or official PyTorch state-dict file")
     p.add_argument("--out", required=True, help="new checkpoint folder to write")
     p.add_argument("--tokenizer", help="SentencePiece tokenizer.model (default: the one beside SRC)")
+    _add_weight_args(p, required=False)
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("quantize", help="store a checkpoint's weights as bf16, int8 or int4 (kitelm checkpoint, "
+                       "RecurrentGemma HF folder or official state dict; streamed tensor by tensor)")
+    p.add_argument("src", help="kitelm run/checkpoint folder, HF folder or official PyTorch state-dict file")
+    p.add_argument("--out", required=True, help="new checkpoint folder to write")
+    p.add_argument("--tokenizer", help="SentencePiece tokenizer.model for foreign sources (default: beside SRC)")
+    _add_weight_args(p, required=True)
+    p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("study", help="train and compare architectures under one recipe (blocks: Pre-LN, Parallel, "
                        "SAS, SAS-P, SAS-P without norm, Griffin, Griffin-SAS)")
@@ -257,7 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("reproduce", help="measure the papers' claims on this machine: REPORT.md with a verdict "
                        "per claim (resumable: finished experiments are skipped)")
-    p.add_argument("--budget-minutes", type=float, default=60.0, help="time to scale the experiments to "
+    p.add_argument("--budget-minutes", type=_positive(float), default=60.0, help="time to scale the experiments to "
                    "(default 60)")
     p.add_argument("--out", default="runs/reproduce", help="output folder (default runs/reproduce)")
     p.add_argument("--publish", metavar="README", help="run nothing: copy the finished --out run (REPORT.md, "
@@ -270,17 +353,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"kitelm: warning: {message}", file=sys.stderr if file is None else file)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as done:  # --help (0) or a usage error (2, already printed as one line)
+        return int(done.code or 0)
     args.from_command_line = argv is None
-    if args.threads:
+    debug = getattr(args, "debug", False)
+    if not debug:
+        warnings.showwarning = _one_line_warning
+    if getattr(args, "threads", None):
         import torch
 
         torch.set_num_threads(args.threads)
     try:
         return args.func(args)
     except KitelmError as err:
-        if args.debug:
+        if debug:
             raise
         print(f"kitelm: error: {err}", file=sys.stderr)
         return 2

@@ -7,10 +7,9 @@ gzip -9 and xz -9 (Python's `gzip` / `lzma`, the same algorithms and levels) com
 from __future__ import annotations
 
 import gzip
+import json
 import lzma
 import math
-
-import json
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +17,43 @@ import torch
 import torch.nn.functional as F
 
 from .data.dataset import validation_windows
-from .train.trainer import evaluate
+from .errors import KitelmError
+from .precision import autocast, dtype_name, machine_info, resolve_dtype
+from .resources import writable_folder
+
+
+def token_losses(model, batch: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy (nats) of `batch [B, T+1]` at every position: [B, T] (the model's logits are fp32)."""
+    logits = model(batch[:, :-1])
+    return F.cross_entropy(logits.transpose(1, 2), batch[:, 1:], reduction="none")
+
+
+def lm_loss(model, batch: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean next-token loss of `batch [B, T+1]`, over the targets where `mask [B, T]` is True (all if None)."""
+    if mask is None:
+        logits = model(batch[:, :-1])
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+    return token_losses(model, batch)[mask].mean()
+
+
+@torch.no_grad()
+def evaluate(model, windows: torch.Tensor, batch_size: int = 16, mask: torch.Tensor | None = None,
+             dtype: torch.dtype = torch.float32) -> tuple[float, int]:
+    """Total next-token loss (nats) and scored-token count over `windows [N, T+1]` (targets where `mask`), with
+    matrix products in `dtype` (autocast; the loss is summed in fp32)."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    device = next(model.parameters()).device
+    with autocast(dtype, device):
+        for i in range(0, len(windows), batch_size):
+            losses = token_losses(model, windows[i: i + batch_size].to(device))
+            if mask is not None:
+                losses = losses[mask[i: i + batch_size].to(device)]
+            total += losses.sum().item()
+            count += losses.numel()
+    model.train(was_training)
+    return total, count
 
 
 def compressor_bits_per_byte(data: bytes) -> dict[str, float]:
@@ -27,11 +62,11 @@ def compressor_bits_per_byte(data: bytes) -> dict[str, float]:
 
 
 def evaluate_bits_per_byte(model, tokens: np.ndarray, tokenizer, seq_len: int, max_tokens: int | None = None,
-                           batch_size: int = 16) -> dict:
+                           batch_size: int = 16, dtype: torch.dtype = torch.float32) -> dict:
     """Loss over consecutive windows of the first `max_tokens` tokens, in nats/token and bits/byte, with gzip and xz
     on the text of the same target tokens."""
     windows = validation_windows(tokens, seq_len, max_tokens)
-    total, count = evaluate(model, windows, batch_size)
+    total, count = evaluate(model, windows, batch_size, dtype=dtype)
     targets = windows[:, 1:].reshape(-1).tolist()
     data = tokenizer.decode(targets).encode("utf-8")
     return {"loss": total / count, "tokens": count, "bytes": len(data),
@@ -39,17 +74,16 @@ def evaluate_bits_per_byte(model, tokens: np.ndarray, tokenizer, seq_len: int, m
 
 
 @torch.no_grad()
-def loss_by_position(model, tokens: np.ndarray, length: int, max_windows: int = 64, batch_size: int = 4) -> np.ndarray:
+def loss_by_position(model, tokens: np.ndarray, length: int, max_windows: int = 64, batch_size: int = 4,
+                     dtype: torch.dtype = torch.float32) -> np.ndarray:
     """Mean next-token loss at each position 0..length-1 over up to `max_windows` consecutive windows: how well the
     model uses (or extrapolates to) long contexts."""
     windows = validation_windows(tokens, length)[:max_windows]
     model.eval()
     total = torch.zeros(length, dtype=torch.float64)
-    for i in range(0, len(windows), batch_size):
-        batch = windows[i: i + batch_size]
-        logits = model(batch[:, :-1])
-        loss = F.cross_entropy(logits.transpose(1, 2), batch[:, 1:], reduction="none")  # [B, length]
-        total += loss.double().sum(0)
+    with autocast(dtype, next(model.parameters()).device):
+        for i in range(0, len(windows), batch_size):
+            total += token_losses(model, windows[i: i + batch_size]).double().sum(0)
     return (total / len(windows)).numpy()
 
 
@@ -74,18 +108,35 @@ def _plot_positions(curve: np.ndarray, train_len: int, path: Path, title: str) -
     plt.close(fig)
 
 
+def default_eval_folder(checkpoint: Path) -> Path:
+    """RUN/eval/step-N for a checkpoint of a run, else a folder beside the checkpoint: an evaluation never writes
+    into a checkpoint."""
+    if checkpoint.parent.name == "checkpoints":
+        return checkpoint.parent.parent / "eval" / checkpoint.name
+    return checkpoint.with_name(checkpoint.name + "-eval")
+
+
 def evaluate_checkpoint(path: str | Path, data: str | None = None, out: str | Path | None = None,
                         extrapolate: int = 4, max_tokens: int | None = 131_072, max_windows: int = 32,
-                        log=lambda msg: None) -> dict:
+                        dtype: str | torch.dtype | None = "auto", log=lambda msg: None) -> dict:
     """Validation loss and bits per byte at the training length, and loss by position up to `extrapolate` × the
-    training length. Writes `eval.json` and `loss_by_position.png` into `out` (default: CHECKPOINT/eval)."""
+    training length, with matrix products in `dtype` ('auto': bf16 autocast where native). Writes `eval.json` and
+    `loss_by_position.png` into `out` (default: `default_eval_folder`)."""
     from . import load
     from .data.corpus import load_corpus
     from .data.dataset import prepare_tokens
 
-    lm = load(path)
+    for name, value in (("extrapolate", extrapolate), ("max_tokens", max_tokens), ("windows", max_windows)):
+        if value is not None and not (isinstance(value, int) and value >= 1):
+            raise KitelmError(f"--{name.replace('_', '-')} {value} must be a positive integer")
+    compute = resolve_dtype(dtype)
+    if out is not None:
+        writable_folder(out)
+    lm = load(path, dtype="float32")
+    out = Path(out) if out is not None else default_eval_folder(lm.path)
+    writable_folder(out)
     if lm.tokenizer.name.startswith("task:"):
-        return evaluate_task_checkpoint(lm, out)
+        return evaluate_task_checkpoint(lm, out, dtype=compute)
     meta_file = lm.path / "meta.json"
     meta = json.loads(meta_file.read_text()) if meta_file.exists() else {}
     train_cfg = meta.get("train_config", {})
@@ -94,31 +145,28 @@ def evaluate_checkpoint(path: str | Path, data: str | None = None, out: str | Pa
     log(f"evaluating {lm.path} on {corpus.name} (training length {train_len})")
     tokens = prepare_tokens(corpus, lm.tokenizer).validation
     result = {"checkpoint": str(lm.path), "corpus": corpus.fingerprint, "train_len": train_len,
-              **evaluate_bits_per_byte(lm.model, tokens, lm.tokenizer, train_len, max_tokens)}
-    curve = loss_by_position(lm.model, tokens, extrapolate * train_len, max_windows)
+              "dtype": dtype_name(compute), "machine": machine_info(),
+              **evaluate_bits_per_byte(lm.model, tokens, lm.tokenizer, train_len, max_tokens, dtype=compute)}
+    curve = loss_by_position(lm.model, tokens, extrapolate * train_len, max_windows, dtype=compute)
     result["loss_by_position"] = [round(float(v), 5) for v in curve]
     result["loss_by_segment"] = {f"{k}-{k + 1}×": float(curve[k * train_len:(k + 1) * train_len].mean())
                                  for k in range(extrapolate)}
-    out = Path(out) if out is not None else lm.path / "eval"
     result["out"] = str(out)
-    out.mkdir(parents=True, exist_ok=True)
     (out / "eval.json").write_text(json.dumps(result, indent=1) + "\n")
     _plot_positions(curve, train_len, out / "loss_by_position.png",
                     f"{lm.config.name}: loss by position ({len(curve)} tokens)")
     return result
 
 
-def evaluate_task_checkpoint(lm, out: str | Path | None = None, n_samples: int = 512) -> dict:
+def evaluate_task_checkpoint(lm, out: Path, n_samples: int = 512, dtype: torch.dtype = torch.float32) -> dict:
     """Loss on answer tokens and exact-match accuracy of a synthetic-task checkpoint on its validation samples."""
     from .data.tasks import task_accuracy, validation_set
 
     task = lm.tokenizer.task
     tokens, mask = validation_set(task, n_samples)
-    total, count = evaluate(lm.model, tokens, 64, mask)
+    total, count = evaluate(lm.model, tokens, 64, mask, dtype)
     result = {"checkpoint": str(lm.path), "task": task.name, "samples": n_samples, "loss": total / count,
               "accuracy": task_accuracy(lm.model, tokens, mask)}
-    out = Path(out) if out is not None else lm.path / "eval"
     result["out"] = str(out)
-    out.mkdir(parents=True, exist_ok=True)
     (out / "eval.json").write_text(json.dumps(result, indent=1) + "\n")
     return result

@@ -8,12 +8,14 @@ bounded by the chunk, not the prompt), then tokens are decoded one at a time wit
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Iterator
 
 import torch
 
 from .errors import KitelmError
+from .resources import check_fits
 
 PREFILL_CHUNK = 2048  # tokens per prefill pass: long enough to keep the GEMMs efficient, short enough to bound memory
 
@@ -27,8 +29,8 @@ class Sampling:
     top_p: float | None = None
 
     def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise KitelmError(f"temperature={self.temperature} must be >= 0 (0 = greedy)")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise KitelmError(f"temperature={self.temperature} must be a finite number >= 0 (0 = greedy)")
         if self.top_k is not None and self.top_k < 1:
             raise KitelmError(f"top_k={self.top_k} must be >= 1")
         if self.top_p is not None and not 0 < self.top_p <= 1:
@@ -64,6 +66,11 @@ def left_pad(prompts: list[list[int]], pad_id: int = 0, device=None) -> tuple[to
     return tokens, positions
 
 
+def cache_bytes(model, batch: int, capacity: int) -> int:
+    """Bytes of `model.new_cache(batch, capacity)`, counted on the meta device (nothing allocated)."""
+    return model.new_cache(batch, max_len=capacity, device="meta").nbytes()
+
+
 @torch.inference_mode()  # cheaper than no_grad per op; the cache never meets autograd
 def prefill(model, tokens: torch.Tensor, positions: torch.Tensor, cache, chunk: int = PREFILL_CHUNK) -> torch.Tensor:
     """Run tokens [B, T] with positions [B, T] through `model` into `cache`, `chunk` tokens per pass; returns the
@@ -85,6 +92,15 @@ def generate_tokens(model, prompts: list[list[int]], max_new_tokens: int, sampli
         raise KitelmError(f"max_new_tokens={max_new_tokens} must be >= 0")
     device = next(model.parameters()).device
     tokens, positions = left_pad(prompts, device=device)
+    vocab = model.config.vocab_size
+    outside = (tokens < 0) | (tokens >= vocab)
+    if bool(outside.any()):
+        raise KitelmError(f"prompt token id {int(tokens[outside][0])} is outside the model's vocabulary [0, {vocab}); "
+                          "encode text with the checkpoint's tokenizer")
+    capacity = tokens.shape[1] + max_new_tokens
+    check_fits(f"the inference cache for {len(prompts)} prompt(s) of up to {capacity:,} tokens",
+               cache_bytes(model, len(prompts), capacity), "generate fewer tokens (--max-new-tokens) or use fewer "
+               "or shorter prompts")
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     model.eval()
     cache = model.new_cache(len(prompts), max_len=tokens.shape[1] + max_new_tokens)

@@ -32,14 +32,24 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def build_tokenizer(spec: str, corpus: Corpus) -> Tokenizer:
-    """`byte`, or a BPE trained on the corpus's train split and cached by (corpus hash, vocab size)."""
+def build_tokenizer(spec: str, corpus: Corpus, log=lambda msg: None) -> Tokenizer:
+    """`byte`, or a BPE trained on the corpus's train split and cached by (corpus hash, vocab size). `log` hears
+    when the corpus was too small for the requested vocabulary."""
     kind, size = parse_tokenizer_spec(spec)
     if kind == "byte":
         return ByteTokenizer()
     folder = cache_root() / "tokenizers" / f"bpe{size}-{corpus.fingerprint['sha256'][:16]}"
     if (folder / TOKENIZER_FILE).exists():
-        return load_tokenizer(folder)
+        tok = load_tokenizer(folder)
+    else:
+        tok = _train_bpe(corpus, size, folder)
+    if tok.vocab_size < size:
+        log(f"note: the BPE tokenizer has {tok.vocab_size:,} tokens, not the {size:,} requested: the training split "
+            "has no more distinct merges; a larger corpus (--data) gives a larger vocabulary")
+    return tok
+
+
+def _train_bpe(corpus: Corpus, size: int, folder: Path) -> Tokenizer:
     tok = BPETokenizer.train((d.text for d in corpus.train), size)
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / f".tmp-{os.getpid()}"

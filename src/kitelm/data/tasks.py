@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import ConfigError
+from ..errors import ConfigError, KitelmError
 from .tokenizer import TOKENIZER_FILE
 
 
@@ -144,7 +144,16 @@ class TaskTokenizer:
         self.vocab_size, self.eos_id = task.vocab_size, 0
 
     def encode(self, text: str) -> list[int]:
-        return [int(t) for t in text.split()]
+        """Space-separated token ids, e.g. "3 17 4", each in [0, vocab_size)."""
+        try:
+            ids = [int(t) for t in text.split()]
+        except ValueError:
+            raise KitelmError(f"a {self.name} checkpoint reads space-separated token ids (e.g. \"3 17 4\"), not text "
+                              f"like {text[:20]!r}") from None
+        outside = [i for i in ids if not 0 <= i < self.vocab_size]
+        if outside:
+            raise KitelmError(f"token id {outside[0]} is outside this task's vocabulary [0, {self.vocab_size})")
+        return ids
 
     def decode(self, ids) -> str:
         return " ".join(str(int(i)) for i in ids)

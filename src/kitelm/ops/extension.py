@@ -2,8 +2,9 @@
 the torch extensions folder), never a hard requirement. Without a compiler, or with KITELM_NO_CPP=1, `module()`
 returns None (with one warning for a failed build) and the caller uses its pure-PyTorch path.
 
--march=native builds for this CPU; if one home directory serves several CPU types, give each machine its own
-TORCH_EXTENSIONS_DIR.
+Each build is named by `build_key()`: the torch install, the Python, the CPU's ISA flags and the compiler flags, so
+two virtual environments (or two CPU types sharing one home directory) keep separate builds instead of rebuilding
+each other's on every switch.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 from types import ModuleType
 
 CSRC = Path(__file__).parent / "csrc"
+CFLAGS = ["-O3", "-march=native", "-fopenmp"]
 
 
 def disabled_reason() -> str:
@@ -29,6 +31,20 @@ def summarize_build_error(error: Exception) -> str:
     lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [""]
     errors = [line for line in lines[1:] if re.search(r"error|not found", line, re.IGNORECASE)]
     return f"{type(error).__name__}: {(errors or lines)[0][:300]}"
+
+
+def build_key(cflags: list[str]) -> str:
+    """A short hash of what a compiled extension depends on besides its source (which torch's loader hashes itself):
+    the torch install and version, the Python executable, this CPU's flags (for -march=native) and the flags."""
+    import hashlib
+
+    import torch
+
+    from ..precision import cpu_flags
+
+    parts = [torch.__version__, os.path.dirname(torch.__file__), sys.executable, " ".join(sorted(cpu_flags())),
+             " ".join(cflags)]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:12]
 
 
 class CppExtension:
@@ -74,9 +90,9 @@ class CppExtension:
         notice.start()
         try:
             return load(
-                name=f"kitelm_{self.name}",
+                name=f"kitelm_{self.name}_{build_key(CFLAGS)}",
                 sources=[str(CSRC / f"{self.name}.cpp")],
-                extra_cflags=["-O3", "-march=native", "-fopenmp"],
+                extra_cflags=CFLAGS,
                 extra_ldflags=["-fopenmp"],
                 verbose=False,
             )

@@ -1,5 +1,9 @@
 """The training loop: AdamW with weight-decay groups, warmup + decay, clipping, accumulation, periodic validation,
 `metrics.jsonl`, a loss-curve PNG and atomic checkpoints with `resume="auto"`. Deterministic for a seed on CPU.
+
+`Trainer.train` runs steps; `train_step` is one optimizer step (`forward_backward` per micro-batch, the NaN guard,
+clipping, the update); `_log`, `_evaluate` and `save` are the periodic work around it. Matrix products run in the
+machine's compute dtype (`kitelm.precision`: bf16 autocast where native) with fp32 weights, optimizer and loss.
 """
 
 from __future__ import annotations
@@ -7,111 +11,33 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
+import shutil
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 from .. import __version__
+from ..checkpoint import (checkpoint_dir, latest_checkpoint, load_train_state, read_weights,
+                          remove_partial_checkpoints, resolve_checkpoint, save_checkpoint, verify_checkpoint)
 from ..config import ModelConfig
 from ..data.corpus import load_corpus
 from ..data.dataset import WindowSampler, build_tokenizer, prepare_tokens, validation_windows
 from ..data.tasks import TaskSampler, TaskTokenizer, get_task, validation_set
 from ..errors import CheckpointError, ConfigError, KitelmError
+from ..evaluation import evaluate, lm_loss
 from ..models import build_model
+from ..precision import autocast, dtype_name, machine_info, resolve_dtype
+from ..resources import check_fits, training_bytes, writable_folder
 from . import distributed
-from ..checkpoint import checkpoint_dir, latest_checkpoint, remove_partial_checkpoints, load_train_state, read_weights, resolve_checkpoint, save_checkpoint
+from .config import TrainConfig
+from .run_folder import RunLock, claim_run_folder
 from .schedule import lr_at
-
-SCHEDULES = ("cosine", "linear", "constant")
-
-
-@dataclass
-class TrainConfig:
-    out_dir: str = "runs/default"
-    data: str | None = None  # None = the Python standard library corpus
-    task: str | None = None  # a synthetic task (kitelm.data.tasks) instead of a corpus
-    tokenizer: str = "byte"  # byte | bpe:N
-    # The defaults are the main job (`kitelm train`): transformer-mini, ~8 minutes on 2 CPU cores.
-    steps: int = 320
-    batch_size: int = 32  # global sequences per micro-batch (split across processes)
-    grad_accum: int = 1  # micro-batches per optimizer step
-    seq_len: int = 256
-    lr: float = 3e-3
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 30
-    schedule: str = "cosine"
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
-    eval_every: int = 160
-    eval_tokens: int = 32_768  # validation tokens per periodic evaluation
-    save_every: int = 160
-    keep_last: int = 3
-    log_every: int = 10
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        def need(ok: bool, msg: str) -> None:
-            if not ok:
-                raise ConfigError(f"invalid training option: {msg}")
-
-        for name in ("steps", "batch_size", "grad_accum", "seq_len", "eval_every", "eval_tokens", "save_every",
-                     "log_every"):
-            need(isinstance(getattr(self, name), int) and getattr(self, name) > 0,
-                 f"{name}={getattr(self, name)!r} must be a positive integer")
-        need(self.lr > 0, f"lr={self.lr} must be positive")
-        need(0 <= self.min_lr_ratio <= 1, f"min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
-        need(self.warmup_steps >= 0, f"warmup_steps={self.warmup_steps} must be >= 0")
-        need(self.schedule in SCHEDULES, f"schedule={self.schedule!r}; choose one of {list(SCHEDULES)}")
-        need(self.weight_decay >= 0 and self.grad_clip >= 0, "weight_decay and grad_clip must be >= 0")
-        need(self.keep_last >= 1, f"keep_last={self.keep_last} must be at least 1")
-
-    @property
-    def tokens_per_step(self) -> int:
-        return self.batch_size * self.grad_accum * self.seq_len
-
 
 class TrainingDiverged(KitelmError):
     """The loss became NaN or infinite."""
-
-
-def token_losses(model, batch: torch.Tensor) -> torch.Tensor:
-    """Next-token cross-entropy (nats) of `batch [B, T+1]` at every position: [B, T]."""
-    logits = model(batch[:, :-1])
-    return F.cross_entropy(logits.transpose(1, 2), batch[:, 1:], reduction="none")
-
-
-def lm_loss(model, batch: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean next-token loss of `batch [B, T+1]`, over the targets where `mask [B, T]` is True (all if None)."""
-    if mask is None:
-        logits = model(batch[:, :-1])
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
-    return token_losses(model, batch)[mask].mean()
-
-
-@torch.no_grad()
-def evaluate(model, windows: torch.Tensor, batch_size: int = 16, mask: torch.Tensor | None = None
-             ) -> tuple[float, int]:
-    """Total next-token loss (nats) and scored-token count over `windows [N, T+1]` (targets where `mask`)."""
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    device = next(model.parameters()).device
-    for i in range(0, len(windows), batch_size):
-        losses = token_losses(model, windows[i: i + batch_size].to(device))
-        if mask is not None:
-            losses = losses[mask[i: i + batch_size].to(device)]
-        total += losses.sum().item()
-        count += losses.numel()
-    model.train(was_training)
-    return total, count
 
 
 def _write_metrics(path: Path, rows: list[dict]) -> None:
@@ -143,10 +69,15 @@ def plot_losses(rows: list[dict], path: Path, title: str) -> None:
 
 
 class Trainer:
-    """Trains `model_config` under `train_config`. `log(msg)` receives progress lines; `progress=True` shows a bar."""
+    """Trains `model_config` under `train_config`. `log(msg)` receives progress lines; `progress=True` shows a bar.
+
+    The run folder is locked for the trainer's life (`release()` or the process end frees it); a folder that holds
+    another run is refused unless `resume` continues it or `overwrite=True` replaces it.
+    """
 
     def __init__(self, model_config: ModelConfig, train_config: TrainConfig, resume: str | None = None,
-                 log: Callable[[str], None] | None = None, progress: bool = False, distributed_mode: str | None = None):
+                 log: Callable[[str], None] | None = None, progress: bool = False, distributed_mode: str | None = None,
+                 overwrite: bool = False):
         self.tc = train_config
         self.dist = distributed.setup(distributed_mode)
         if train_config.batch_size % self.dist.world:
@@ -155,26 +86,31 @@ class Trainer:
         main = self.dist.is_main
         self.log = (log if main else None) or (lambda msg: None)
         self.progress = progress and main
+        self.compute_dtype = resolve_dtype(train_config.dtype, self.dist.device)
         self.out = Path(train_config.out_dir)
+        self.lock = None
+        created = not self.out.exists()
+        writable_folder(self.out)
         try:
-            self.out.mkdir(parents=True, exist_ok=True)
-            probe = self.out / f".write-test-{os.getpid()}"
-            probe.write_text("")
-            probe.unlink()
-        except OSError as err:
-            raise KitelmError(f"output folder {self.out} is not writable ({err.strerror}); "
-                              "choose another --out") from None
-        self.resume_from = self._find_resume(resume)
-        torch.manual_seed(train_config.seed)
-
-        micro_batch = train_config.batch_size // self.dist.world
-        if train_config.task is not None:
-            self._setup_task(train_config, micro_batch)
-        else:
-            self._setup_corpus(train_config, micro_batch)
-        if model_config.vocab_size != self.tokenizer.vocab_size:
-            model_config = model_config.replace(vocab_size=self.tokenizer.vocab_size)
-        self.model_config = model_config
+            if main:
+                self.lock = RunLock(self.out)
+                claim_run_folder(self.out, resuming=resume is not None, overwrite=overwrite)
+            self.resume_from = self._find_resume(resume)
+            torch.manual_seed(train_config.seed)
+            micro_batch = train_config.batch_size // self.dist.world
+            if train_config.task is not None:
+                self._setup_task(train_config, micro_batch)
+            else:
+                self._setup_corpus(train_config, micro_batch)
+            if model_config.vocab_size != self.tokenizer.vocab_size:
+                model_config = model_config.replace(vocab_size=self.tokenizer.vocab_size)
+            self.model_config = model_config
+            self._check_memory()
+        except BaseException:
+            self.release()
+            if created and main:  # a run that failed before it started leaves no empty folder behind
+                shutil.rmtree(self.out, ignore_errors=True)
+            raise
         self.model = build_model(model_config, device=self.dist.device)  # same seed → same init on every rank
         self.wrapped = distributed.wrap(self.model, self.dist)
         self.optimizer = torch.optim.AdamW(self.model.weight_decay_groups(train_config.weight_decay),
@@ -186,12 +122,29 @@ class Trainer:
         if self.resume_from is not None:
             self._restore(self.resume_from)
 
+    def release(self) -> None:
+        """Unlock the run folder (another process may then train into it)."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+    def _check_memory(self) -> None:
+        """Refuse, before allocating, a model and batch that cannot fit in the available memory."""
+        c, tc = self.model_config, self.tc
+        params = build_model(c, device="meta").num_params()
+        tokens = tc.batch_size // self.dist.world * tc.seq_len
+        needed = training_bytes(params, c.vocab_size, c.width, c.mlp_width, c.n_layers, tokens,
+                                self.compute_dtype != torch.float32)
+        check_fits(f"training {c.name} ({params / 1e6:,.1f}M parameters, {tokens:,} tokens per micro-batch)", needed,
+                   "use a smaller model (--model, --set width=... n_layers=...) or a smaller --batch-size/--seq-len "
+                   "(with --grad-accum for the same batch)")
+
     # ------------------------------------------------------------------ data
     def _setup_corpus(self, tc: TrainConfig, micro_batch: int) -> None:
         self.log("loading corpus ...")
         self.corpus = load_corpus(tc.data)
         self.fingerprint, self.data_name = self.corpus.fingerprint, self.corpus.name
-        self.tokenizer = build_tokenizer(tc.tokenizer, self.corpus)
+        self.tokenizer = build_tokenizer(tc.tokenizer, self.corpus, log=self.log)
         self.data = prepare_tokens(self.corpus, self.tokenizer)
         sampler = WindowSampler(self.data.train, tc.seq_len, micro_batch, tc.grad_accum, world=self.dist.world,
                                 seed=tc.seed)
@@ -216,7 +169,9 @@ class Trainer:
             if self.dist.is_main:
                 remove_partial_checkpoints(self.out)
             return latest_checkpoint(self.out)  # None: start fresh
-        return resolve_checkpoint(resume)
+        path = resolve_checkpoint(resume)
+        verify_checkpoint(path)  # an explicit checkpoint is checked like the ones `auto` picks
+        return path
 
     def _restore(self, path: Path) -> None:
         saved = ModelConfig.load(path / "config.json")
@@ -235,9 +190,45 @@ class Trainer:
             self.metrics = [r for r in rows if r.get("step", 0) <= self.step]
         self.log(f"resumed from {path} at step {self.step}")
 
-    # ------------------------------------------------------------------ loop
+    # ------------------------------------------------------------------ one step
+    def forward_backward(self, batch: torch.Tensor, mask: torch.Tensor | None, last: bool) -> float:
+        """Loss and gradients of one micro-batch (gradient sync deferred to the `last` one); returns its loss share."""
+        batch, mask = batch.to(self.dist.device), mask.to(self.dist.device) if mask is not None else None
+        with distributed.no_grad_sync(self.wrapped, self.dist) if not last else nullcontext():
+            with autocast(self.compute_dtype, self.dist.device):
+                loss = lm_loss(self.wrapped, batch, mask) / self.tc.grad_accum
+            loss.backward()
+        return loss.item()
+
+    def train_step(self, lr: float) -> tuple[float, torch.Tensor]:
+        """One optimizer step at learning rate `lr` over `grad_accum` micro-batches → (mean loss, gradient norm).
+        A NaN/inf loss raises TrainingDiverged before the update."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        accum = self.tc.grad_accum
+        loss = sum(self.forward_backward(*self.next_batch(self.step, micro), last=micro == accum - 1)
+                   for micro in range(accum))
+        loss = distributed.mean_across_ranks(loss, self.dist)
+        if not math.isfinite(loss):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise TrainingDiverged(f"loss became {loss} at step {self.step + 1}; training stopped before the update. "
+                                   f"{self._last_good()} Lower --lr or raise --warmup-steps")
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.tc.grad_clip or float("inf"))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss, norm
+
+    def _last_good(self) -> str:
+        latest = latest_checkpoint(self.out)
+        if latest is not None:
+            return f"The last good checkpoint, {latest}, is intact."
+        return (f"No checkpoint was saved yet (the first is due at step {self.tc.save_every}); "
+                "the run has to start again.")
+
+    # ------------------------------------------------------------------ periodic work
     def run_metadata(self) -> dict:
         return {"kitelm": __version__, "torch": torch.__version__, "threads": torch.get_num_threads(),
+                "dtype": dtype_name(self.compute_dtype), "machine": machine_info(),
                 "corpus": self.fingerprint, "tokenizer": self.tokenizer.name,
                 "train_config": dataclasses.asdict(self.tc), "model": self.model_config.name,
                 "params": self.model.num_params(), "non_embedding_params": self.model.num_params(True)}
@@ -256,9 +247,23 @@ class Trainer:
 
     def validate(self) -> float:
         """Validation loss; every rank evaluates the same windows (so FSDP's collectives stay in step)."""
-        total, count = evaluate(self.wrapped, self.val_windows, self.tc.batch_size, self.val_mask)
+        total, count = evaluate(self.wrapped, self.val_windows, self.tc.batch_size, self.val_mask, self.compute_dtype)
         return total / count
 
+    def _log(self, loss: float, lr: float, norm: torch.Tensor, tokens: int, seconds: float, elapsed: float) -> dict:
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # a DTensor under FSDP
+        row = {"step": self.step, "loss": loss, "lr": lr, "grad_norm": round(norm.item(), 4),
+               "tokens": self.step * self.tc.tokens_per_step, "tokens_per_s": round(tokens / seconds, 1),
+               "elapsed_s": round(elapsed, 2)}
+        self.metrics.append(row)
+        return row
+
+    def _evaluate(self, say: Callable[[str], None]) -> None:
+        val = self.validate()
+        self.metrics.append({"step": self.step, "val_loss": val})
+        say(f"step {self.step}: validation loss {val:.4f} nats/token")
+
+    # ------------------------------------------------------------------ loop
     def train(self, until: int | None = None) -> dict:
         """Train to step `until` (default: the configured `steps`; the schedule always spans `steps`)."""
         tc = self.tc
@@ -271,46 +276,23 @@ class Trainer:
             from tqdm import tqdm
 
             bar = tqdm(total=until, initial=self.step, unit="step", dynamic_ncols=True)
-        t_start, tokens_since, t_since = time.perf_counter(), 0, time.perf_counter()
+        say = bar.write if bar is not None else self.log
+        t_start = t_since = time.perf_counter()
+        tokens_since = 0
         try:
             while self.step < until:
                 lr = lr_at(self.step, tc.lr, tc.steps, tc.warmup_steps, tc.schedule, tc.min_lr_ratio)
-                for group in self.optimizer.param_groups:
-                    group["lr"] = lr
-                loss_sum = 0.0
-                for micro in range(tc.grad_accum):
-                    batch, mask = self.next_batch(self.step, micro)
-                    batch, mask = batch.to(self.dist.device), mask.to(self.dist.device) if mask is not None else None
-                    last = micro == tc.grad_accum - 1
-                    with distributed.no_grad_sync(self.wrapped, self.dist) if not last else nullcontext():
-                        loss = lm_loss(self.wrapped, batch, mask) / tc.grad_accum
-                        loss.backward()
-                    loss_sum += loss.item()
-                loss_sum = distributed.mean_across_ranks(loss_sum, self.dist)
-                if not math.isfinite(loss_sum):
-                    raise TrainingDiverged(
-                        f"loss became {loss_sum} at step {self.step}; training stopped before the update, the last "
-                        f"checkpoint in {self.out / 'checkpoints'} is intact; lower --lr or raise --warmup-steps")
-                norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip or float("inf"))
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
+                loss, norm = self.train_step(lr)
                 self.step += 1
                 tokens_since += tc.tokens_per_step
                 if self.step % tc.log_every == 0 or self.step == until:
                     now = time.perf_counter()
-                    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # a DTensor under FSDP
-                    row = {"step": self.step, "loss": loss_sum, "lr": lr, "grad_norm": round(norm.item(), 4),
-                           "tokens": self.step * tc.tokens_per_step,
-                           "tokens_per_s": round(tokens_since / (now - t_since), 1),
-                           "elapsed_s": round(now - t_start, 2)}
-                    self.metrics.append(row)
+                    row = self._log(loss, lr, norm, tokens_since, now - t_since, now - t_start)
                     tokens_since, t_since = 0, now
                     if bar is not None:
-                        bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
+                        bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
                 if self.step % tc.eval_every == 0 or self.step == until:
-                    val = self.validate()
-                    self.metrics.append({"step": self.step, "val_loss": val})
-                    (bar.write if bar is not None else self.log)(f"step {self.step}: validation loss {val:.4f} nats/token")
+                    self._evaluate(say)
                     t_since = time.perf_counter()  # evaluation time is not training throughput
                 if self.step % tc.save_every == 0 or self.step == until:
                     self.save()
