@@ -33,9 +33,9 @@ GEMMA_TEMPLATE = (  # google/recurrentgemma-2b-it tokenizer_config.json "chat_te
     "{% if add_generation_prompt %}{{'<start_of_turn>model\n'}}{% endif %}")
 
 
-def tiny_lm(preset: str) -> LM:
+def tiny_lm(preset: str, **changes) -> LM:
     torch.manual_seed(0)
-    model = build_model(get_preset(preset).replace(tie_embeddings=False)).eval()
+    model = build_model(get_preset(preset).replace(tie_embeddings=False, **changes)).eval()
     with torch.no_grad():
         model.head.weight[128:] = 0  # logit 0 for non-ASCII bytes and EOS: greedy picks the best ASCII byte
     return LM(model, ByteTokenizer())
@@ -315,3 +315,35 @@ def test_default_template_is_used_for_kitelm_checkpoints(tmp_path):
     assert t.prompt_ids([{"role": "user", "content": "hi"}])[-17:-14] == [ord("i"), 256, ord("\n")]
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ messages[0]['content'] }}!"}))
     assert load_chat_template(ByteTokenizer(), tmp_path).render([{"role": "user", "content": "hey"}]) == "hey!"
+
+
+# ---------------------------------------------------------------------- kitelm chat
+@pytest.mark.parametrize("preset", ["griffin-tiny", "transformer-tiny"])
+def test_chat_turns_on_kept_state_equal_cold_generation_over_the_whole_history(preset, tmp_path):
+    from kitelm.serve.chat import ChatOptions, ChatSession, run_chat
+
+    lm = tiny_lm(preset, max_seq_len=512)
+    template = load_chat_template(lm.tokenizer, None)
+    engine = Engine(lm.model, lm.tokenizer, max_seqs=1, state_cache_bytes=0).start()
+    try:
+        session = ChatSession(engine, template, ChatOptions(max_tokens=6, temperature=0.0))
+        history = []
+        for turn in ("hi", "tell me more", "and then?"):
+            reply = session.say(turn)
+            history.append({"role": "user", "content": turn})
+            cold_ids = template.prompt_ids(history)
+            cold = lm.tokenizer.decode(int(t) for t in generate_tokens(lm.model, [cold_ids], 6, Sampling(0.0)))
+            assert reply == cold
+            history.append({"role": "assistant", "content": reply})
+        assert session.last_stats["prompt_tokens"] < len(cold_ids) / 2  # only the new turn was prefilled
+        session.save(tmp_path / "conv.state")
+        resumed = ChatSession(engine, template, ChatOptions(max_tokens=6, temperature=0.0))
+        resumed.load(tmp_path / "conv.state")
+        assert resumed.say("last one") == session.say("last one")
+        lines = iter(["hello", f"/save {tmp_path / 'cli.state'}", "/reset", "/quit"])
+        shown = []
+        run_chat(ChatSession(engine, template, ChatOptions(max_tokens=3, temperature=0.0)),
+                 lambda _: next(lines), shown.append)
+        assert (tmp_path / "cli.state").exists() and "(new conversation)\n" in shown
+    finally:
+        engine.stop()

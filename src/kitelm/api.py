@@ -13,6 +13,7 @@ from .data.tokenizer import load_tokenizer
 from .generate import Sampling, generate_tokens
 from .models import build_model
 from .precision import inference_dtype
+from .quant import is_quantized, load_quantized
 from .checkpoint import CONFIG_FILE, load_weights, resolve_checkpoint, verify_checkpoint
 
 
@@ -85,6 +86,9 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: str | torc
     folder = resolve_checkpoint(path)
     if (folder / "manifest.json").exists():
         verify_checkpoint(folder)
+    if is_quantized(folder):  # bf16 / int8 / int4 weights (kitelm quantize): memory-mapped, never expanded to fp32
+        model, _ = load_quantized(folder, device=device, verify=False)
+        return LM(model if dtype == torch.float32 else model.to(dtype), load_tokenizer(folder), folder)
     config = ModelConfig.load(folder / CONFIG_FILE)
     model = build_model(config, device="meta")  # no time spent on random init of weights about to be replaced
     if set(dict(model.named_buffers())) - set(model.state_dict()):  # non-persistent buffers need a real init

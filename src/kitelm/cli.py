@@ -154,6 +154,60 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _serve_deps() -> None:
+    try:
+        import fastapi, jinja2, uvicorn  # noqa: F401, E401
+    except ImportError as err:
+        raise KitelmError(f"kitelm serve/chat need the 'serve' extra ({err.name} is missing): "
+                          "pip install 'kitelm[serve]'") from None
+
+
+def _load_for_serving(args):
+    from . import load
+
+    _serve_deps()
+    return load(args.checkpoint, dtype=args.dtype)
+
+
+def cmd_serve(args) -> int:
+    from .serve.app import env_api_key
+    from .serve.server import ServeOptions, serve
+
+    lm = _load_for_serving(args)
+    options = ServeOptions(host=args.host, port=args.port, model_name=args.model_name,
+                           api_key=args.api_key or env_api_key(), max_seqs=args.max_seqs,
+                           max_memory=int(args.max_memory * 2**20) if args.max_memory else None,
+                           max_queue=args.max_queue, state_cache_bytes=int(args.state_cache_mib * 2**20),
+                           prefill_chunk=args.prefill_chunk, chat_template=args.chat_template)
+    serve(lm, options)
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from .serve.chat import ChatOptions, ChatSession, run_chat
+    from .serve.engine import Engine
+    from .serve.templates import load_chat_template
+
+    lm = _load_for_serving(args)
+    template = load_chat_template(lm.tokenizer, lm.path, args.chat_template)
+    engine = Engine(lm.model, lm.tokenizer, max_seqs=1, state_cache_bytes=0).start()
+    try:
+        session = ChatSession(engine, template, ChatOptions(args.max_tokens, args.temperature, args.top_p,
+                                                            args.top_k, args.seed))
+        if args.load:
+            session.load(args.load)
+            print(f"(resumed the conversation in {args.load}: {session.turns} turns)")
+
+        def write(text: str) -> None:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+
+        run_chat(session, input, write)
+    finally:
+        engine.stop()
+    return 0
+
+
 def cmd_presets(args) -> int:
     from .presets import preset_rows
 
@@ -347,6 +401,37 @@ def build_parser() -> argparse.ArgumentParser:
                    "result.json files, PNGs) into benchmarks/results/reproduce/ beside README and regenerate README's "
                    "block between <!-- reproduce:begin --> and <!-- reproduce:end --> (claims table and plots)")
     p.set_defaults(func=cmd_reproduce)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching and kept state")
+    p.add_argument("checkpoint", help="run folder, checkpoint folder or RecurrentGemma checkpoint")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="(default 8000)")
+    p.add_argument("--model-name", help="the model id clients name (default: the checkpoint folder's name)")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 (default: $KITELM_API_KEY if set)")
+    p.add_argument("--max-seqs", type=_positive(int), default=16, help="sequences decoded together (default 16)")
+    p.add_argument("--max-memory", type=_positive(float), metavar="MIB",
+                   help="inference-state budget of the running sequences in MiB (Griffin/Hawk: a fixed state per "
+                   "sequence; transformer: KV of prompt + max_tokens)")
+    p.add_argument("--max-queue", type=int, default=64, help="waiting requests before 429 (default 64)")
+    p.add_argument("--state-cache-mib", type=float, default=256,
+                   help="budget of kept states that later requests continue from (default 256 MiB; 0 = off)")
+    p.add_argument("--prefill-chunk", type=_positive(int), default=256,
+                   help="prompt tokens prefilled per engine step between decode steps (default 256)")
+    p.add_argument("--chat-template", help="a Jinja2 chat template file (default: the checkpoint's, else kitelm's)")
+    p.add_argument("--dtype", choices=DTYPES, default="auto", help=DTYPE_HELP)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("chat", help="interactive chat in the terminal, each turn continuing from the kept state")
+    p.add_argument("checkpoint", help="run folder, checkpoint folder or RecurrentGemma checkpoint")
+    p.add_argument("--load", help="resume a conversation written by /save")
+    p.add_argument("--max-tokens", type=_positive(int), default=512, help="tokens per reply at most (default 512)")
+    p.add_argument("--temperature", type=_finite, default=0.7, help="0 = greedy (default 0.7)")
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-p", type=_finite)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--chat-template", help="a Jinja2 chat template file (default: the checkpoint's, else kitelm's)")
+    p.add_argument("--dtype", choices=DTYPES, default="auto", help=DTYPE_HELP)
+    p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("presets", help="list model presets with parameter counts")
     p.set_defaults(func=cmd_presets)

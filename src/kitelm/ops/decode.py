@@ -33,7 +33,10 @@ def decode_kernels(x: Tensor) -> ModuleType | None:
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """F.linear(x, weight, bias) for x [..., in], weight [out, in], bias [out] → [..., out]."""
+    """F.linear(x, weight, bias) for x [..., in], weight [out, in], bias [out] → [..., out]. `weight` may also be a
+    `kitelm.ops.quant.QuantizedWeight` (bf16 / int8 / int4 storage), which takes the quantized kernels."""
+    if not isinstance(weight, Tensor):
+        return weight.linear(x, bias)
     kernels = decode_kernels(x) if weight.dtype == torch.float32 else None
     return kernels.small_linear(x, weight, bias) if kernels is not None else F.linear(x, weight, bias)
 

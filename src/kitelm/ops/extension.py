@@ -18,7 +18,6 @@ from pathlib import Path
 from types import ModuleType
 
 CSRC = Path(__file__).parent / "csrc"
-CFLAGS = ["-O3", "-march=native", "-fopenmp"]
 
 
 def disabled_reason() -> str:
@@ -49,10 +48,11 @@ def build_key(cflags: list[str]) -> str:
 
 class CppExtension:
     """One C++ source `csrc/<name>.cpp`, built into the module `kitelm_<name>` the first time it is asked for.
-    `fallback` says (in the warning) what runs instead when it does not build."""
+    `fallback` says (in the warning) what runs instead when it does not build; `cflags` default to this CPU's ISA
+    (-march=native); a source that picks its ISA at run time (per-function target attributes) builds without it."""
 
-    def __init__(self, name: str, fallback: str):
-        self.name, self.fallback = name, fallback
+    def __init__(self, name: str, fallback: str, cflags: tuple[str, ...] = ("-O3", "-march=native", "-fopenmp")):
+        self.name, self.fallback, self.cflags = name, fallback, list(cflags)
         self._loaded: tuple[ModuleType | None, str] | None = None
 
     def module(self) -> ModuleType | None:
@@ -90,9 +90,9 @@ class CppExtension:
         notice.start()
         try:
             return load(
-                name=f"kitelm_{self.name}_{build_key(CFLAGS)}",
+                name=f"kitelm_{self.name}_{build_key(self.cflags)}",
                 sources=[str(CSRC / f"{self.name}.cpp")],
-                extra_cflags=CFLAGS,
+                extra_cflags=self.cflags,
                 extra_ldflags=["-fopenmp"],
                 verbose=False,
             )

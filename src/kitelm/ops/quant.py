@@ -1,0 +1,228 @@
+"""Weight-only quantized linear layers: storage formats, their pure-torch twins, and the fast paths (csrc/quant_kernels.cpp).
+
+Formats (the stored form of a Linear weight W [out, in]; activations, biases and everything else stay high precision):
+
+* ``bf16``: W rounded to bfloat16 (16 bits/weight).
+* ``int8``: symmetric, q = round(W / s) ∈ [−127, 127] with one bf16 scale s = amax / 127 per `group` consecutive
+  weights of a row (``group = in``: one scale per output channel). 8 + 16/group bits/weight.
+* ``int4``: symmetric, q ∈ [−7, 7] with s = amax / 7 per group (a multiple of 32), stored as nibbles n = q + 8, two per
+  byte: within each block of 32 weights, byte j holds weight j (low nibble) and weight j + 16 (high nibble).
+  4 + 16/group bits/weight.
+
+The scale is rounded to bf16 *before* q is computed, so ŵ = q·s is exactly what the kernels reconstruct and the only
+error is the rounding of W/s: |W − ŵ| ≤ s/2 per weight (plus s·2⁻⁸·qmax where bf16 rounded s down and q clipped).
+
+`quantized_linear` picks the path: for 1-8 rows of fp32 x, the C++ GEMV that dequantizes in registers (AVX-512 or
+AVX2, chosen at run time; `KITELM_QUANT_ISA=avx2|avx512|portable` forces one); above 8 rows, tiles of Ŵ dequantized
+into the compute dtype (bf16 where the CPU has native bf16, else fp32) and that dtype's GEMM. `linear_reference` is
+the twin every path is tested against: dequantize to fp32 + F.linear.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from types import ModuleType
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..errors import ConfigError
+from .extension import CppExtension
+
+FORMATS = ("bf16", "int8", "int4")
+QMAX = {"int8": 127, "int4": 7}
+MAX_ROWS = 8  # above this the GEMM on dequantized tiles reuses each weight across rows better than the GEMV
+ISAS = {"portable": 0, "avx2": 1, "avx512": 2}
+TILE_ELEMENTS = 1 << 22  # weights dequantized per tile on the GEMM path (8 MiB in bf16)
+EXTENSION = CppExtension("quant_kernels", fallback="quantized layers use dequantize + F.linear",
+                         cflags=("-O3", "-fopenmp"))  # baseline x86-64: the AVX2/AVX-512 paths carry target attributes
+
+
+def check_format(fmt: str, in_features: int, group_size: int | None) -> int:
+    """The group size to use for a [*, in_features] weight in `fmt` (0 for bf16); ConfigError for impossible ones."""
+    if fmt not in FORMATS:
+        raise ConfigError(f"weight format {fmt!r} is unknown; choose one of {', '.join(FORMATS)}")
+    if fmt == "bf16":
+        return 0
+    group = in_features if not group_size else group_size
+    if group <= 0 or in_features % group:
+        raise ConfigError(f"group size {group} does not divide the input width {in_features}; choose a divisor "
+                          f"(e.g. {_divisor_hint(in_features, fmt)})")
+    if fmt == "int4" and group % 32:
+        raise ConfigError(f"int4 group size {group} is not a multiple of 32 (nibbles are packed in blocks of 32)")
+    return group
+
+
+def _divisor_hint(n: int, fmt: str) -> int:
+    for g in (64, 128, 32, 256):
+        if n % g == 0:
+            return g
+    return n if fmt == "int8" else 32
+
+
+def bits_per_weight(fmt: str, group: int) -> float:
+    return {"bf16": 16.0, "int8": 8.0 + 16.0 / max(group, 1), "int4": 4.0 + 16.0 / max(group, 1)}[fmt]
+
+
+# -------------------------------------------------------------------------------------------- formats (twins)
+def quantize(weight: Tensor, fmt: str, group: int) -> tuple[Tensor, Tensor | None]:
+    """W [out, in] (any float dtype) → (storage, scales [out, in/group] bf16, None for bf16)."""
+    w = weight.detach().float()
+    if fmt == "bf16":
+        return w.to(torch.bfloat16), None
+    out, inp = w.shape
+    qmax = QMAX[fmt]
+    blocks = w.reshape(out, inp // group, group)
+    scales = (blocks.abs().amax(-1) / qmax).to(torch.bfloat16)
+    scales = torch.where(scales > 0, scales, torch.ones_like(scales))  # an all-zero group: any scale, q = 0
+    q = torch.round(blocks / scales.float()[..., None]).clamp_(-qmax, qmax).to(torch.int8).reshape(out, inp)
+    return (pack_int4(q) if fmt == "int4" else q), scales
+
+
+def pack_int4(q: Tensor) -> Tensor:
+    """int8 [out, in] with values in [−8, 7], in % 32 == 0 → uint8 [out, in/2] (layout in the module docstring)."""
+    out, inp = q.shape
+    n = (q.to(torch.int16) + 8).to(torch.uint8).reshape(out, inp // 32, 2, 16)
+    return (n[:, :, 0] | (n[:, :, 1] << 4)).reshape(out, inp // 2)
+
+
+def unpack_int4(packed: Tensor) -> Tensor:
+    """uint8 [out, in/2] → int8 [out, in] (q = nibble − 8)."""
+    out, half = packed.shape
+    b = packed.reshape(out, half // 16, 16)
+    n = torch.stack((b & 0xF, b >> 4), dim=2)  # [out, blocks, 2, 16]
+    return (n.to(torch.int16) - 8).to(torch.int8).reshape(out, 2 * half)
+
+
+def dequantize_reference(storage: Tensor, scales: Tensor | None, fmt: str, group: int) -> Tensor:
+    """Ŵ [out, in] float32 from the stored form (pure torch)."""
+    if fmt == "bf16":
+        return storage.float()
+    q = unpack_int4(storage) if fmt == "int4" else storage
+    out, inp = q.shape
+    return (q.float().reshape(out, inp // group, group) * scales.float()[..., None]).reshape(out, inp)
+
+
+def linear_reference(x: Tensor, storage: Tensor, scales: Tensor | None, bias: Tensor | None, fmt: str,
+                     group: int) -> Tensor:
+    """The twin of every fast path: F.linear(x, Ŵ, b) in float32 → [..., out] float32."""
+    return F.linear(x.float(), dequantize_reference(storage, scales, fmt, group),
+                    None if bias is None else bias.float())
+
+
+# ------------------------------------------------------------------------------------------------ fast paths
+def quantized_linear(x: Tensor, storage: Tensor, scales: Tensor | None, bias: Tensor | None, fmt: str,
+                     group: int) -> Tensor:
+    """x [..., in] → x Ŵᵀ + b [..., out] in x's dtype."""
+    rows = x.numel() // max(x.shape[-1], 1)
+    kernels = _kernels() if x.device.type == "cpu" and not torch.is_grad_enabled() else None
+    if kernels is not None and 1 <= rows <= MAX_ROWS:
+        xf = x if x.dtype == torch.float32 else x.float()
+        b = None if bias is None else bias.float()
+        isa = kernel_isa()
+        if fmt == "bf16":
+            y = kernels.gemv_bf16(xf, storage, b, isa)
+        else:
+            y = getattr(kernels, f"gemv_{fmt}")(xf, storage, scales, b, group, isa)
+        return y if y.dtype == x.dtype else y.to(x.dtype)
+    return _tiled_linear(x, storage, scales, bias, fmt, group, kernels)
+
+
+def _tiled_linear(x: Tensor, storage: Tensor, scales: Tensor | None, bias: Tensor | None, fmt: str, group: int,
+                  kernels: ModuleType | None) -> Tensor:
+    """Above 8 rows (or without the extension): tiles of output rows dequantized into the compute dtype, then GEMM."""
+    compute = gemm_dtype(x)
+    xc = x.to(compute)
+    out = storage.shape[0]
+    inp = x.shape[-1]
+    step = max(1, TILE_ELEMENTS // max(inp, 1))
+    pieces = []
+    for r0 in range(0, out, step):
+        r1 = min(out, r0 + step)
+        tile = _dequantize_tile(storage[r0:r1], None if scales is None else scales[r0:r1], fmt, group, inp, compute,
+                                kernels)
+        pieces.append(F.linear(xc, tile))
+    y = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=-1)
+    y = y.to(x.dtype)
+    return y if bias is None else y + bias.to(x.dtype)
+
+
+def _dequantize_tile(storage: Tensor, scales: Tensor | None, fmt: str, group: int, inp: int, dtype: torch.dtype,
+                     kernels: ModuleType | None) -> Tensor:
+    if fmt == "bf16":
+        return storage if dtype == torch.bfloat16 else storage.to(dtype)
+    if kernels is not None and storage.device.type == "cpu":
+        return kernels.dequantize(storage, scales, inp, group, fmt == "int4", dtype)
+    return dequantize_reference(storage, scales, fmt, group).to(dtype)
+
+
+def gemm_dtype(x: Tensor) -> torch.dtype:
+    """The dtype of the tiled GEMM: bf16 where the device multiplies bf16 natively, else float32 (x's own dtype when
+    it is already bf16)."""
+    from ..precision import native_bf16
+
+    if x.dtype == torch.bfloat16 or native_bf16(x.device):
+        return torch.bfloat16
+    return torch.float32
+
+
+def dequantize(storage: Tensor, scales: Tensor | None, fmt: str, group: int, in_features: int,
+               dtype: torch.dtype = torch.float32) -> Tensor:
+    """Ŵ [out, in] in `dtype` (the C++ kernel where built; equal to `dequantize_reference` for float32)."""
+    return _dequantize_tile(storage, scales, fmt, group, in_features, dtype, _kernels())
+
+
+def kernel_isa() -> int:
+    """The GEMV path: KITELM_QUANT_ISA (portable | avx2 | avx512) if set, else the fastest this CPU runs."""
+    return _isa(os.environ.get("KITELM_QUANT_ISA", ""))
+
+
+@functools.cache
+def _isa(forced: str) -> int:
+    kernels = _kernels()
+    best = kernels.best_isa() if kernels is not None else 0
+    if not forced:
+        return best
+    if forced not in ISAS:
+        raise ConfigError(f"KITELM_QUANT_ISA={forced!r} is unknown; choose one of {', '.join(ISAS)}")
+    if ISAS[forced] > best:
+        raise ConfigError(f"KITELM_QUANT_ISA={forced}: this CPU does not run that path (best: "
+                          f"{next(k for k, v in ISAS.items() if v == best)})")
+    return ISAS[forced]
+
+
+def available_isas() -> list[str]:
+    """The GEMV paths this CPU can run (tests run every one)."""
+    kernels = _kernels()
+    best = kernels.best_isa() if kernels is not None else -1
+    return [name for name, level in ISAS.items() if level <= best]
+
+
+@functools.cache
+def _kernels() -> ModuleType | None:
+    return EXTENSION.module()
+
+
+class QuantizedWeight:
+    """A stored weight Ŵ [out, in] seen as a matrix: what `QuantizedLinear.weight` / `QuantizedEmbedding.weight`
+    return, so code that multiplies by `module.weight` (e.g. the tied output head) takes the quantized path through
+    `kitelm.ops.decode.linear`."""
+
+    def __init__(self, storage: Tensor, scales: Tensor | None, fmt: str, group: int, in_features: int):
+        self.storage, self.scales, self.fmt, self.group = storage, scales, fmt, group
+        self.shape = torch.Size((storage.shape[0], in_features))
+
+    def numel(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+    @property
+    def device(self) -> torch.device:
+        return self.storage.device
+
+    def linear(self, x: Tensor, bias: Tensor | None = None) -> Tensor:
+        return quantized_linear(x, self.storage, self.scales, bias, self.fmt, self.group)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        return dequantize(self.storage, self.scales, self.fmt, self.group, self.shape[1], dtype)
