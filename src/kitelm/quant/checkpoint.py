@@ -31,6 +31,7 @@ from ..checkpoint import CONFIG_FILE, MANIFEST_FILE, MODEL_FILE, _fsync, _sha256
 from ..config import ModelConfig
 from ..errors import CheckpointError, KitelmError
 from ..models import build_model
+from ..resources import available_memory
 from .modules import QuantSpec, quantize_model, quantized_names
 
 QUANT_KEY = "quantization"
@@ -143,17 +144,6 @@ def _check_state(model: torch.nn.Module, state: dict[str, Tensor], source: str) 
 
 
 # ------------------------------------------------------------------------------------------------- conversion
-def available_memory_bytes() -> int | None:
-    """MemAvailable from /proc/meminfo (None where unknown)."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
 class _Source:
     """A checkpoint read one tensor at a time: `config`, `names()` → kitelm names with shapes, `tensors()`."""
 
@@ -262,7 +252,7 @@ def quantize_checkpoint(src: str | Path, out: str | Path, spec: QuantSpec, token
     expected = model.state_dict()
     targets = quantized_names(build_model(config, device="meta"), spec)
     need_out, largest = conversion_bytes(config, spec)
-    available = memory_limit if memory_limit is not None else available_memory_bytes()
+    available = memory_limit if memory_limit is not None else available_memory()
     need = need_out + 2 * largest  # the output, one source tensor in fp32, and its quantized copy in flight
     if available is not None and need > available:
         raise KitelmError(f"quantizing {src} to {spec.weights} needs about {need / 2**30:.1f} GiB of memory "
