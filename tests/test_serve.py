@@ -347,3 +347,52 @@ def test_chat_turns_on_kept_state_equal_cold_generation_over_the_whole_history(p
         assert (tmp_path / "cli.state").exists() and "(new conversation)\n" in shown
     finally:
         engine.stop()
+
+
+def test_engine_stops_at_a_stop_token_and_leaves_it_out_of_the_text():
+    lm = tiny_lm("griffin-tiny")
+    engine = Engine(lm.model, lm.tokenizer).start()
+    try:
+        free, _ = _run(engine, list(b"end of turn?"), 12)
+        events = []
+        done = threading.Event()
+        params = GenerationParams(max_tokens=12, temperature=0.0, stop_ids=frozenset({free[4]}))
+        engine.submit(Request(list(b"end of turn?"), params, lambda ev: (events.append(ev), ev.kind == "done"
+                                                                           and done.set())))
+        assert done.wait(30)
+        stop_at = free.index(free[4])
+        assert events[-1].finish_reason == "stop" and events[-1].completion_tokens == stop_at + 1
+        assert "".join(e.text for e in events) == bytes(free[:stop_at]).decode()
+    finally:
+        engine.stop()
+
+
+def test_kitelm_serve_command_serves_a_checkpoint(tmp_path):
+    import re
+    import subprocess
+    import sys
+
+    from kitelm.checkpoint import save_checkpoint
+
+    lm = tiny_lm("hawk-tiny")
+    folder = save_checkpoint(tmp_path / "run", 1, lm.model.state_dict(), lm.config, lm.tokenizer)
+    proc = subprocess.Popen([sys.executable, "-m", "kitelm", "serve", str(folder), "--port", "0", "--model-name",
+                             "tiny", "--dtype", "float32"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    try:
+        line = proc.stdout.readline()  # the banner, printed once the socket listens
+        url = re.search(r"http://127\.0\.0\.1:\d+/v1", line)
+        assert url, line
+        client = openai.OpenAI(base_url=url.group(0), api_key="unused", max_retries=0, timeout=60)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                r = client.completions.create(model="tiny", prompt="abc", max_tokens=5, temperature=0)
+                break
+            except openai.APIConnectionError:
+                assert time.monotonic() < deadline and proc.poll() is None
+                time.sleep(0.1)
+        assert r.choices[0].text == solo(lm, "abc", 5)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
