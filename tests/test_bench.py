@@ -24,8 +24,8 @@ def test_unknown_benchmarks_and_impossible_sizes_fail_before_any_work(tmp_path):
 def test_a_childs_peak_rss_is_its_own_not_its_parents():
     """getrusage's ru_maxrss is inherited through vfork + exec: a child of a process that once held 1.5 GiB reported
     1.5 GiB whatever it did (every point of the first `bench memory` runs read the same value)."""
-    code = ("import torch; from kitelm.experiments.bench.memory import _peak_rss_child; big = torch.ones(3 << 27); del big; "
-            "print(_peak_rss_child('transformer-tiny', 16))")
+    code = ("import torch; from kitelm.experiments.bench.memory import _peak_rss_child; "
+            "big = torch.ones(3 << 27); del big; print(_peak_rss_child('transformer-tiny', 16))")
     parent_peak = 3 << 29  # 1.5 GiB of float32 ones, touched
     child_peak = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
                      .stdout.split()[-1])

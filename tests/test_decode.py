@@ -41,14 +41,13 @@ def test_small_linear_matches_f_linear(kernels, rows, d_in, d_out, bias):
 
 
 @pytest.mark.parametrize("unit_offset", [True, False])
-def test_rms_norm_matches_the_torch_layer(kernels, unit_offset):
+def test_rms_norm_kernel_matches_its_torch_twin(kernels, unit_offset):
     norm = RMSNorm(65, 1e-6, unit_offset=unit_offset)
     torch.nn.init.normal_(norm.weight)
     x = torch.randn(3, 1, 65) * 3
     with torch.no_grad():
-        expected = norm(x.requires_grad_())  # the torch path (a gradient is being recorded)
-        x = x.detach()
-        torch.testing.assert_close(kernels.rms_norm(x, norm.weight, norm.eps, float(unit_offset)), expected)
+        torch.testing.assert_close(kernels.rms_norm(x, norm.weight, norm.eps, float(unit_offset)), norm.forward_ref(x))
+        torch.testing.assert_close(norm(x), norm.forward_ref(x))  # the layer takes the kernel here
 
 
 def _resets(batch: int) -> torch.Tensor:
@@ -56,30 +55,64 @@ def _resets(batch: int) -> torch.Tensor:
     return torch.tensor([[0]] + [[5 + i] for i in range(batch - 1)])
 
 
-def test_conv1d_step_matches_the_full_forward_and_updates_the_state(kernels):
+def test_conv1d_step_and_its_twin_match_the_full_forward_and_update_the_state(kernels):
     conv = Conv1D(33, 4)
     torch.nn.init.normal_(conv.b)
     x, state = torch.randn(3, 1, 33), torch.randn(3, 3, 33)
-    expected, expected_state = conv(x, _resets(3), state.clone().requires_grad_())  # the general masked path
     with torch.no_grad():
-        y = kernels.conv1d_step(x, conv.w, conv.b, state, _resets(3) == 0)
+        expected, expected_state = conv(x, _resets(3), state)  # the general masked path
+        y_ref, state_ref = conv.step_ref(x, _resets(3), state.clone())
+        y = kernels.conv1d_step(x, conv.w, conv.b, state, _resets(3) == 0)  # updates `state` in place
+    torch.testing.assert_close(y_ref, expected)
+    torch.testing.assert_close(state_ref, expected_state)
     torch.testing.assert_close(y, expected)
-    torch.testing.assert_close(state, expected_state.detach())
+    torch.testing.assert_close(state, expected_state)
 
 
 @pytest.mark.parametrize("heads", [1, 4])
-def test_rglru_step_matches_the_scan(kernels, heads):
+def test_rglru_step_and_its_twin_match_the_scan(kernels, heads):
     lru = RGLRU(64, heads)
     for gate in (lru.input_gate, lru.a_gate):
         torch.nn.init.normal_(gate.b)
     x, h0 = torch.randn(3, 1, 64), torch.randn(3, 64)
     segment_pos = _resets(3)
-    expected, expected_h = lru(x.requires_grad_(), segment_pos, h0)  # the scan path
     with torch.no_grad():
+        expected, expected_h = lru(x, segment_pos, h0)  # the scan path
+        y_ref, h_ref = lru.step_ref(x, segment_pos, h0)
         h = kernels.rglru_step(x, lru.input_gate.w, lru.input_gate.b, lru.a_gate.w, lru.a_gate.b, lru.a_param, h0,
                                segment_pos == 0, 8.0)
-    torch.testing.assert_close(h, expected_h.detach())
-    torch.testing.assert_close(h[:, None], expected.detach())
+    torch.testing.assert_close(h_ref, expected_h)
+    torch.testing.assert_close(y_ref, expected)
+    torch.testing.assert_close(h, expected_h)
+    torch.testing.assert_close(h[:, None], expected)
+
+
+def test_steps_take_the_kernels_only_where_they_apply(kernels, monkeypatch):
+    """`step` calls the kernel for decoding-sized fp32 inputs without autograd, its twin otherwise."""
+    conv, lru = Conv1D(16, 4), RGLRU(16, 2)
+    x, pos = torch.randn(2, 1, 16), _resets(2)
+    calls = []
+    monkeypatch.setattr(decode, "_kernels", lambda: _Recorder(kernels, calls))
+    with torch.no_grad():
+        conv.step(x, pos, torch.zeros(2, 3, 16))
+        lru.step(x, pos, torch.zeros(2, 16))
+        conv.double().step(x.double(), pos, torch.zeros(2, 3, 16, dtype=torch.float64))
+        lru.double().step(x.double(), pos, torch.zeros(2, 16, dtype=torch.float64))
+    conv, lru, x = conv.float(), lru.float(), x.requires_grad_()
+    conv.step(x, pos, torch.zeros(2, 3, 16))  # a gradient is being recorded
+    lru.step(x, pos, torch.zeros(2, 16))
+    assert calls == ["conv1d_step", "rglru_step"]
+
+
+class _Recorder:
+    """The kernels module, recording which kernel each call takes."""
+
+    def __init__(self, module, calls: list):
+        self.module, self.calls = module, calls
+
+    def __getattr__(self, name):
+        self.calls.append(name)
+        return getattr(self.module, name)
 
 
 def test_kernels_serve_only_decoding_sized_fp32_inputs_without_autograd(kernels):

@@ -40,13 +40,9 @@ class Conv1D(nn.Module):
 
     def forward(self, x: torch.Tensor, segment_pos: torch.Tensor,
                 state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Any number of tokens T, continuing `state` if given (zeros before the first token otherwise)."""
         B, T, L = x.shape
         K = self.temporal_width
-        if state is not None and T == 1:
-            kernels = decode_kernels(x) if state.dtype == x.dtype and state.is_contiguous() else None
-            if kernels is not None:  # one fused pass that also updates `state` in place (ops/decode.py)
-                return kernels.conv1d_step(x, self.w, self.b, state, segment_pos == 0), state
-            return self._step(x, segment_pos, state.to(x.dtype))
         prev = x.new_zeros(B, K - 1, L) if state is None else state.to(x.dtype)
         ext = torch.cat([prev, x], dim=1)  # [B, K−1+T, L]: ext[K−1+t] = x_t
         # starts[:, K−1+t] = number of document starts among x_0..x_t (0 on the state slots)
@@ -60,10 +56,21 @@ class Conv1D(nn.Module):
         new_state = ext[:, -(K - 1):] * (starts[:, -(K - 1):] == starts[:, -1:])[..., None]
         return out + self.b, new_state
 
-    def _step(self, x: torch.Tensor, segment_pos: torch.Tensor,
-              state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One token, x [B, 1, L]: the same sum without the document-mask bookkeeping. A document start at this
-        token (segment_pos 0) cuts every earlier tap and clears them from the new state."""
+    def step(self, x: torch.Tensor, segment_pos: torch.Tensor,
+             state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One decoding step, x [B, 1, L], segment_pos [B, 1], state [B, K−1, L] → (y [B, 1, L], new state). For
+        decoding-sized fp32 CPU inputs without autograd, the fused C++ kernel `conv1d_step` (ops/decode.py), which
+        updates `state` in place; otherwise its pure-torch twin `step_ref`."""
+        kernels = decode_kernels(x) if state.dtype == x.dtype and state.is_contiguous() else None
+        if kernels is not None:
+            return kernels.conv1d_step(x, self.w, self.b, state, segment_pos == 0), state
+        return self.step_ref(x, segment_pos, state.to(x.dtype))
+
+    def step_ref(self, x: torch.Tensor, segment_pos: torch.Tensor,
+                 state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`step` in pure torch (the reference of the kernel): the forward's sum for one token without the
+        document-mask bookkeeping. A document start at this token (segment_pos 0) cuts every earlier tap and clears
+        them from the new state."""
         prev = state * (segment_pos != 0).to(x.dtype)[..., None]  # [B, K−1, L]
         out = x * self.w[-1] + (prev * self.w[:-1]).sum(1, keepdim=True) + self.b
         return out, torch.cat([prev[:, 1:], x], dim=1)

@@ -23,9 +23,15 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.zeros(dim) if unit_offset else torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """For decoding-sized fp32 CPU inputs without autograd, the fused C++ kernel `rms_norm` (ops/decode.py,
+        7 ops → 1; in fp32 both conventions agree); otherwise its pure-torch twin `forward_ref`."""
         kernels = decode_kernels(x)
-        if kernels is not None:  # decoding: one fused pass (fp32, where both conventions agree)
+        if kernels is not None:
             return kernels.rms_norm(x, self.weight, self.eps, 1.0 if self.unit_offset else 0.0)
+        return self.forward_ref(x)
+
+    def forward_ref(self, x: torch.Tensor) -> torch.Tensor:
+        """The norm in pure torch (the reference of the kernel)."""
         if self.unit_offset:
             var = x.pow(2).mean(-1, keepdim=True)
             return x * torch.rsqrt(var + self.eps) * (1 + self.weight)

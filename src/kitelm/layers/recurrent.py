@@ -50,10 +50,23 @@ class RecurrentBlock(nn.Module):
         return RecurrentState(batch, self.linear_x.out_features, self.conv_1d.temporal_width, dtype, device)
 
     def forward(self, x: torch.Tensor, segment_pos: torch.Tensor, state: RecurrentState | None) -> torch.Tensor:
+        """Any number of tokens T (one token with a state takes `step`)."""
+        if state is not None and x.shape[1] == 1:
+            return self.step(x, segment_pos, state)
         y = F.gelu(self.linear_y(x), approximate="tanh")  # the tanh GeLU, GDM torch/modules.py:291
         u, conv_state = self.conv_1d(self.linear_x(x), segment_pos, state.conv if state is not None else None)
         u, h = self.rg_lru(u, segment_pos, state.h if state is not None else None)
         if state is not None:
             state.conv.copy_(conv_state)
             state.h.copy_(h)
+        return self.linear_out(u * y)
+
+    def step(self, x: torch.Tensor, segment_pos: torch.Tensor, state: RecurrentState) -> torch.Tensor:
+        """One token per row, x [B, 1, D]: the Conv1D and RG-LRU decoding steps (their C++ kernels where they
+        apply), `state` updated in place."""
+        y = F.gelu(self.linear_y(x), approximate="tanh")
+        u, conv_state = self.conv_1d.step(self.linear_x(x), segment_pos, state.conv)
+        u, h = self.rg_lru.step(u, segment_pos, state.h)
+        state.conv.copy_(conv_state)
+        state.h.copy_(h)
         return self.linear_out(u * y)

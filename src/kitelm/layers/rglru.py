@@ -65,12 +65,6 @@ class BlockDiagonalLinear(nn.Module):
         return torch.baddbmm(self.b.unsqueeze(1), xb, self.w).transpose(0, 1).reshape(x.shape)
 
 
-def rglru_scan(a: torch.Tensor, x: torch.Tensor, h0: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """h_t = a_t ⊙ h_{t−1} + x_t over t for a, x [B, T, L] (resets already folded into a) → (h [B, T, L] in x.dtype,
-    h_last [B, L] float32), computed by `kitelm.ops.scan.linear_scan` (decoding steps use `ops.decode.rglru_step`)."""
-    return linear_scan(a, x, h0)
-
-
 def rnn_param_init_(a_param: torch.Tensor) -> torch.Tensor:
     """Ring init (GDM torch/layers.py:194-213): u ~ U[min²+ε, max²+ε], log r = ½ log u, a_param = log(exp(−log r) − 1),
     the inverse softplus, so softplus(a_param) = −log r."""
@@ -92,11 +86,34 @@ class RGLRU(nn.Module):
 
     def forward(self, x: torch.Tensor, segment_pos: torch.Tensor,
                 h0: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        kernels = decode_kernels(x) if h0 is not None and x.shape[1] == 1 else None
-        if kernels is not None:  # decoding: the whole step below in one fused pass (ops/decode.py)
+        """Any number of tokens: the gates in parallel, then the scan h_t = a_t ⊙ h_{t−1} + x̂_t of
+        `kitelm.ops.scan.linear_scan` (accumulated in float32)."""
+        a, normalized_x = self._gated(x, segment_pos)
+        return linear_scan(a, normalized_x, h0)
+
+    def step(self, x: torch.Tensor, segment_pos: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One decoding step, x [B, 1, L], segment_pos [B, 1], h [B, L] float32 → (y [B, 1, L], new h [B, L]). For
+        decoding-sized fp32 CPU inputs without autograd, the fused C++ kernel `rglru_step` (ops/decode.py, ~20 ops
+        → 1); otherwise its pure-torch twin `step_ref`."""
+        kernels = decode_kernels(x)
+        if kernels is not None:
             h = kernels.rglru_step(x, self.input_gate.w, self.input_gate.b, self.a_gate.w, self.a_gate.b,
-                                   self.a_param, h0, segment_pos == 0, C)
+                                   self.a_param, h, segment_pos == 0, C)
             return h.unsqueeze(1), h
+        return self.step_ref(x, segment_pos, h)
+
+    def step_ref(self, x: torch.Tensor, segment_pos: torch.Tensor,
+                 h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`step` in pure torch (the reference of the kernel): h = a ⊙ h + x̂ for the one token, in float32 (float64
+        for float64 inputs), with the forward's gates."""
+        a, normalized_x = self._gated(x, segment_pos)
+        acc = torch.float64 if torch.float64 in (a.dtype, normalized_x.dtype) else torch.float32
+        h = torch.addcmul(normalized_x[:, 0].to(acc), a[:, 0].to(acc), h.to(acc))
+        return h.unsqueeze(1).to(x.dtype), h
+
+    def _gated(self, x: torch.Tensor, segment_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(a with the resets folded in as a_t = 0, x̂ = mult ⊙ i ⊙ x), both [B, T, L]: the module docstring's
+        equations before the recurrence."""
         reset = (segment_pos == 0)[..., None]
         gate_x = torch.sigmoid(self.input_gate(x))
         gate_a = torch.sigmoid(self.a_gate(x))
@@ -106,4 +123,4 @@ class RGLRU(nn.Module):
         multiplier = SqrtBoundDerivative.apply(1 - a_square)
         multiplier = torch.where(reset, 1.0, multiplier)  # 1 at a document start (GDM torch/layers.py:352)
         normalized_x = x * gate_x * multiplier.type(x.dtype)
-        return rglru_scan(a.masked_fill(reset, 0.0), normalized_x, h0)  # the reset drops h_{t−1} (GDM :160)
+        return a.masked_fill(reset, 0.0), normalized_x  # the reset drops h_{t−1} (GDM :160)

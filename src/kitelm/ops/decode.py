@@ -1,11 +1,13 @@
 """Kernels for decoding: a few rows per call, fp32, on CPU, without autograd (csrc/decode_kernels.cpp).
 
 A batch-1 decoding step is bound by reading every weight once and by dispatching hundreds of tiny ops, not by
-FLOPs. Three kernels take those costs on: `small_linear` (a weight-streaming matrix-vector product split across
-threads: 16-17 GB/s where MKL's small-M GEMM reaches 5-7 on the 2-core dev VM), `rms_norm` (7 ops → 1) and
-`rglru_step` (one RG-LRU time step, ~20 ops → 1). The layers call `decode_kernels(x)` and keep their pure-torch code
-as the path for everything else (training, prefill, other dtypes and devices, machines where it does not build),
-which is also the reference the kernels are tested against (tests/test_decode.py).
+FLOPs. Four kernels take those costs on: `small_linear` (a weight-streaming matrix-vector product split across
+threads, 1.5-3× faster than MKL's small-M GEMM: benchmarks/NOTES.md), `rms_norm` (7 ops → 1), `conv1d_step` and
+`rglru_step` (one Conv1D / RG-LRU time step, ~20 ops → 1). Each is called by its layer (`linear` below, `RMSNorm.forward`,
+`Conv1D.step`, `RGLRU.step`) when `decode_kernels(x)` says it applies; the layer's pure-torch twin (`F.linear`,
+`RMSNorm.forward_ref`, `Conv1D.step_ref`, `RGLRU.step_ref`) runs everywhere else (training, prefill, other dtypes
+and devices, machines where it does not build) and is the reference the kernels are tested against
+(tests/test_decode.py).
 """
 
 from __future__ import annotations

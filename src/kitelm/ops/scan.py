@@ -20,7 +20,7 @@ Backends (`linear_scan(..., backend=...)`), all differentiable wrt a, x and h0:
     hand-written reverse-scan backward. The fallback when there is no compiler, and on GPU without Triton.
   * "ref": `linear_scan_ref`, the plain loop over time (in the accumulation dtype).
 "auto" picks "cpp" for CPU tensors when the extension builds, "triton" for GPU tensors when Triton is installed,
-otherwise "chunked". For T == 1 (decode) it does the single fused step a_0 ⊙ h0 + x_0 with no kernel dispatch.
+otherwise "chunked". (A decoding step of the RG-LRU does not come here: `RGLRU.step` is one fused op.)
 
 Environment: KITELM_SCAN_BACKEND=<name> replaces "auto" with that backend; KITELM_NO_CPP=1 never builds the extension.
 """
@@ -47,17 +47,14 @@ def linear_scan(
     a, x: [B, T, D] floating tensors (their dtypes may differ, e.g. fp32 gates with bf16 inputs);
     h0: [B, D] or None (zeros); reset: [B, T] bool or None.
     Accumulates in float32 whatever the input dtype (float64 if a or x is float64).
-    Returns (h [B, T, D] in x.dtype, h_last [B, D] in the accumulation dtype). For T == 1 on the "auto" path
-    they may share storage.
+    Returns (h [B, T, D] in x.dtype, h_last [B, D] in the accumulation dtype).
     """
     _check_inputs(a, x, h0, reset)
     acc = torch.float64 if torch.float64 in (a.dtype, x.dtype) else torch.float32
     name = _resolve_backend(backend, x)
     a_acc, x_acc = a.to(acc), x.to(acc)
     h0_acc = None if h0 is None else h0.to(acc)
-    if name == "step":
-        h, h_last = _step(a_acc, x_acc, h0_acc, reset)
-    elif name == "cpp":
+    if name == "cpp":
         h, h_last = _CppScan.apply(
             a_acc.contiguous(),
             x_acc.contiguous(),
@@ -119,12 +116,10 @@ def _check_inputs(a: Tensor, x: Tensor, h0: Tensor | None, reset: Tensor | None)
 
 
 def _resolve_backend(backend: str, x: Tensor) -> str:
-    """The backend that runs: "step" or one of BACKENDS. Raises if an explicitly named one cannot run here."""
+    """The backend that runs, one of BACKENDS. Raises if an explicitly named one cannot run here."""
     if backend == "auto":
         backend = os.environ.get("KITELM_SCAN_BACKEND", "auto")
     if backend == "auto":
-        if x.shape[1] == 1:
-            return "step"
         if x.device.type == "cpu":
             return "cpp" if _cpp_extension() is not None else "chunked"
         return "triton" if x.is_cuda and _triton_installed() else "chunked"
@@ -153,13 +148,6 @@ def _triton_installed() -> bool:
 def _apply_reset(a: Tensor, reset: Tensor | None) -> Tensor:
     """a with a_t = 0 wherever reset[b, t] is True (so the gradient wrt a_t is 0 there)."""
     return a if reset is None else a.masked_fill(reset.unsqueeze(-1), 0.0)
-
-
-def _step(a: Tensor, x: Tensor, h0: Tensor | None, reset: Tensor | None) -> tuple[Tensor, Tensor]:
-    """T == 1: h = a_0 ⊙ h0 + x_0 in one fused op (decode)."""
-    x0 = x[:, 0]
-    h = x0.clone() if h0 is None else torch.addcmul(x0, _apply_reset(a, reset)[:, 0], h0)
-    return h.unsqueeze(1), h
 
 
 # ---------------------------------------------------------------------------------------------------------------- cpp
