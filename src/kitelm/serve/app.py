@@ -58,6 +58,7 @@ class _Sampling(BaseModel):
     n: StrictInt = Field(1, ge=1, le=64)
     stream: StrictBool = False
     stream_options: dict[str, Any] | None = None
+    ignore_eos: StrictBool = False  # vLLM's extension: run to max_tokens (benchmarks)
 
 
 class CompletionRequest(_Sampling):
@@ -281,7 +282,8 @@ def create_app(engine: Engine, template: ChatTemplate, settings: ServerSettings)
                 raise APIError(400, "prompt: the prompt encodes to no tokens", param="prompt")
             encoded.append(ids)
         score = body.echo and body.logprobs is not None
-        params = params_of(body, max_tokens, {tokenizer.eos_id}, body.logprobs, prompt_logprobs=score)
+        params = params_of(body, max_tokens, () if body.ignore_eos else {tokenizer.eos_id}, body.logprobs,
+                           prompt_logprobs=score)
         jobs = [submit(ids, params, body.n) for ids in encoded]
         rid, created = f"cmpl-{secrets.token_hex(12)}", int(time.time())
         if body.stream:
@@ -334,7 +336,7 @@ def create_app(engine: Engine, template: ChatTemplate, settings: ServerSettings)
             if engine.context is not None:
                 max_tokens = min(max_tokens, max(engine.context - len(ids), 1))
         top = (body.top_logprobs or 0) if body.logprobs else None
-        params = params_of(body, max_tokens, template.stop_ids, top)
+        params = params_of(body, max_tokens, () if body.ignore_eos else template.stop_ids, top)
         job = submit(ids, params, body.n)
         rid, created = f"chatcmpl-{secrets.token_hex(12)}", int(time.time())
         if body.stream:

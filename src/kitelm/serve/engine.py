@@ -115,10 +115,10 @@ class Request:
 
 
 class _Seq:
-    def __init__(self, req: Request, index: int):
+    def __init__(self, req: Request, index: int, device: torch.device):
         self.req, self.index, self.params = req, index, req.params
-        seed = None if req.params.seed is None else req.params.seed + index
-        self.generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        seed = None if req.params.seed is None else req.params.seed + index  # choice i of n: seed + i
+        self.generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
         self.generated: list[int] = []
         self.logits: torch.Tensor | None = None
         self.emitted = 0
@@ -141,6 +141,7 @@ class Engine:
         if max_seqs < 1 or max_queue < 0 or prefill_chunk < 1:
             raise KitelmError("max_seqs and prefill_chunk must be >= 1 and max_queue >= 0")
         self.model, self.tokenizer = model.eval(), tokenizer
+        self.device = next(model.parameters()).device
         self.max_seqs, self.max_memory, self.max_queue, self.prefill_chunk = max_seqs, max_memory, max_queue, \
             prefill_chunk
         self.bounded = is_bounded(model)
@@ -315,7 +316,7 @@ class Engine:
         p = self.prefilling[0]
         prompt, params = p.req.prompt_ids, p.req.params
         chunk = prompt[p.absorbed:p.absorbed + self.prefill_chunk]
-        ids = torch.tensor([chunk], dtype=torch.long)
+        ids = torch.tensor([chunk], dtype=torch.long, device=self.device)
         logits = self.model(ids, cache=p.cache)[0]  # [t, V]
         if p.prompt_logprobs is not None:
             lp = torch.log_softmax(logits.float(), -1)
@@ -331,7 +332,7 @@ class Engine:
         last = logits[-1]
         if p.req.start_state is None:
             self.state_cache.put(prompt, gather(self.model, [(p.cache, [0])]))
-        seqs = [_Seq(p.req, i) for i in range(p.req.n)]
+        seqs = [_Seq(p.req, i, self.device) for i in range(p.req.n)]
         for s in seqs:
             s.logits, s.cached = last, p.cached
         if params.max_tokens == 0:
@@ -375,7 +376,7 @@ class Engine:
             return
         if not self.bounded and kv_room(self.batch) < 1:
             self.batch = gather(self.model, [(self.batch, list(range(len(self.running))))], headroom=KV_HEADROOM)
-        ids = torch.tensor(keep_tokens, dtype=torch.long)[:, None]
+        ids = torch.tensor(keep_tokens, dtype=torch.long, device=self.device)[:, None]
         logits = self.model(ids, cache=self.batch)[:, -1]
         for i, s in enumerate(self.running):
             s.logits = logits[i]
