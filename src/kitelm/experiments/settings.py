@@ -61,11 +61,20 @@ class BenchSettings(Sizes):
     scan_shapes: list[tuple[int, int, int]] = field(default_factory=lambda: [(8, 4096, 1024), (8, 1024, 256)])
     dtype: str = "float32"
     peers: bool = True  # also measure the installed HF peers (train, sample)
+    # `serve`: concurrent streaming chat clients against `kitelm serve` (experiments/bench/serve.py)
+    serve_models: list[str] = field(default_factory=lambda: ["griffin-small", "transformer-small"])
+    serve_clients: list[int] = field(default_factory=lambda: [1, 4, 16, 64])
+    serve_turns: int = 3
+    serve_user_chars: int = 64
+    serve_reply_tokens: int = 32
+    serve_long_turns: int = 10  # the long conversation: TTFT of turn k with and without the kept state
+    serve_long_user_chars: int = 300
 
     @classmethod
     def quick(cls) -> "BenchSettings":
         return cls(batch_size=4, seq_len=256, repeats=2, prompt_len=256, lengths=[64, 256, 1024], peer_max_len=256,
                    memory_lengths=[1024, 4096], rss_max_len=4096, scan_shapes=[(4, 1024, 256)],
+                   serve_clients=[1, 4], serve_turns=2, serve_long_turns=4,
                    train_models=["transformer-small", "griffin-small"])
 
     def check(self) -> None:
