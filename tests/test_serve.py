@@ -253,7 +253,7 @@ def _run(engine: Engine, prompt: list[int], max_tokens: int, **kw):
             done.set()
 
     engine.submit(Request(prompt, GenerationParams(max_tokens=max_tokens, temperature=0.0), on_event, **kw))
-    assert done.wait(60)
+    assert done.wait(300)
     return out["ids"], out["done"]
 
 
@@ -359,7 +359,7 @@ def test_engine_stops_at_a_stop_token_and_leaves_it_out_of_the_text():
         params = GenerationParams(max_tokens=12, temperature=0.0, stop_ids=frozenset({free[4]}))
         engine.submit(Request(list(b"end of turn?"), params, lambda ev: (events.append(ev), ev.kind == "done"
                                                                            and done.set())))
-        assert done.wait(30)
+        assert done.wait(300)
         stop_at = free.index(free[4])
         assert events[-1].finish_reason == "stop" and events[-1].completion_tokens == stop_at + 1
         assert "".join(e.text for e in events) == bytes(free[:stop_at]).decode()
@@ -396,3 +396,26 @@ def test_kitelm_serve_command_serves_a_checkpoint(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_admission_by_memory_runs_only_the_sequences_whose_state_fits():
+    lm = tiny_lm("griffin-tiny")
+    probe = Engine(lm.model, lm.tokenizer)
+    engine = Engine(lm.model, lm.tokenizer, max_seqs=16, max_memory=2 * probe.seq_bytes).start()
+    try:
+        most, done = [0], threading.Semaphore(0)
+
+        def on_event(ev):
+            most[0] = max(most[0], len(engine.running))
+            if ev.kind == "done":
+                done.release()
+
+        for i in range(5):
+            engine.submit(Request(list(b"memory %d" % i), GenerationParams(max_tokens=8, temperature=0.0), on_event))
+        for _ in range(5):
+            assert done.acquire(timeout=300)
+        assert most[0] == 2 and engine.reserved == 0
+        with pytest.raises(Exception, match="memory budget"):
+            engine.submit(Request([1], GenerationParams(max_tokens=1), on_event, n=3))
+    finally:
+        engine.stop()
