@@ -4,13 +4,14 @@ Each step of the loop
 1. takes new requests into a bounded waiting queue and drops aborted (disconnected) ones;
 2. admits waiting requests while the running sequences fit `max_seqs` and `max_memory`: a Griffin/Hawk sequence
    costs its fixed state size, a transformer sequence the KV cache of `prompt + max_tokens` tokens;
-3. prefills one chunk (`prefill_chunk` tokens) of the oldest admitted prompt into its own single-row state, which
-   starts from the longest kept state whose tokens prefix the prompt (`StateCache`);
+3. prefills up to `prefill_chunk` prompt tokens, oldest admitted prompt first, each prompt into its own single-row
+   state, which starts from the longest kept state whose tokens prefix the prompt (`StateCache`);
 4. samples the next token of every running sequence (each with its own sampling parameters and torch.Generator),
    streams the new text, retires finished sequences (their state is kept, keyed by their tokens) and decodes the
    rest together in one batched forward.
 
-A long prompt therefore costs the running streams one chunk per step, never its whole prefill. The batch is one
+A long prompt therefore costs the running streams one chunk per step, never its whole prefill, while several short
+prompts are prefilled in one step. The batch is one
 `ModelCache` whose rows are the running sequences; joining and leaving rebuild it with `state.gather`. The engine
 knows nothing about HTTP: requests carry a callback that receives `Event`s on the engine thread.
 """
@@ -241,8 +242,9 @@ class Engine:
                         break
                     self._drop_aborted()
                     self._admit()
-                    if self.prefilling:
-                        self._prefill_step()
+                    budget = self.prefill_chunk  # prompt tokens per step, over as many prompts as it covers
+                    while self.prefilling and budget > 0:
+                        budget -= self._prefill_step(budget)
                     if self.running:
                         self._decode_step()
                 except Exception as err:  # a failed step fails its requests, never the server
@@ -312,10 +314,11 @@ class Engine:
                 return _Prefill(req, gather(self.model, [(kept, [0])], headroom=len(prompt) - n), n, n)
         return _Prefill(req, self.model.new_cache(1, max_len=len(prompt)), 0, 0)
 
-    def _prefill_step(self) -> None:
+    def _prefill_step(self, budget: int) -> int:
+        """Prefill at most `budget` tokens of the oldest admitted prompt; return how many."""
         p = self.prefilling[0]
         prompt, params = p.req.prompt_ids, p.req.params
-        chunk = prompt[p.absorbed:p.absorbed + self.prefill_chunk]
+        chunk = prompt[p.absorbed:p.absorbed + budget]
         ids = torch.tensor([chunk], dtype=torch.long, device=self.device)
         logits = self.model(ids, cache=p.cache)[0]  # [t, V]
         if p.prompt_logprobs is not None:
@@ -327,7 +330,7 @@ class Engine:
         p.absorbed += len(chunk)
         self.prompt_tokens += len(chunk)
         if p.absorbed < len(prompt):
-            return
+            return len(chunk)
         self.prefilling.popleft()
         last = logits[-1]
         if p.req.start_state is None:
@@ -342,12 +345,13 @@ class Engine:
                                                    else None))
             self.reserved -= p.req.reserved * p.req.n
             self.requests_done += 1
-            return
+            return len(chunk)
         for s in seqs:
             s.prompt_logprobs = p.prompt_logprobs
         parts = ([(self.batch, list(range(len(self.running))))] if self.running else []) + [(p.cache, [0] * len(seqs))]
         self.batch = gather(self.model, parts, headroom=0 if self.bounded else KV_HEADROOM)
         self.running.extend(seqs)
+        return len(chunk)
 
     def _decode_step(self) -> None:
         finished = []
