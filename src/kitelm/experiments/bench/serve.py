@@ -70,7 +70,8 @@ def save_bench_model(name: str, folder: Path, max_seq_len: int) -> Path:
 
 
 class Server:
-    """`kitelm serve CHECKPOINT --port 0 ...` in a subprocess; `url` once it listens."""
+    """`kitelm serve CHECKPOINT --port 0 ...` in a subprocess; `url` once it listens and has answered one warm-up
+    request (the first one in a process pays one-time costs: kernel loading, allocator growth)."""
 
     def __init__(self, checkpoint: Path, *args: str):
         self.proc = subprocess.Popen([sys.executable, "-m", "kitelm", "serve", str(checkpoint), "--port", "0",
@@ -82,6 +83,9 @@ class Server:
             self.close()
             raise RuntimeError(f"kitelm serve did not start: {line}{self.proc.stdout.read()[-2000:]}")
         self.url = found.group(0)
+        import httpx
+
+        httpx.post(self.url + "/completions", json={"prompt": "warm up", "max_tokens": 4}, timeout=600)
 
     def status(self) -> dict[str, int]:
         return _proc_status(self.proc.pid)
