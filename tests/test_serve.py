@@ -419,3 +419,37 @@ def test_admission_by_memory_runs_only_the_sequences_whose_state_fits():
             engine.submit(Request([1], GenerationParams(max_tokens=1), on_event, n=3))
     finally:
         engine.stop()
+
+
+def test_convert_carries_the_chat_template_to_the_kitelm_checkpoint(tmp_path):
+    import io
+    import shutil
+
+    import sentencepiece as spm
+
+    import kitelm
+    from griffin_reference import reference_griffin
+    from kitelm.convert import convert
+
+    words = ["alpha", "beta", "gamma", "delta", "griffin", "hawk", "state", "window", "token", "scan"]
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(" ".join(words[(i + j) % 10] for j in range(8))
+                                                          for i in range(200)),
+                                   model_writer=buf, vocab_size=32, pad_id=0, eos_id=1, bos_id=2, unk_id=3,
+                                   minloglevel=2)
+    src = tmp_path / "official"
+    src.mkdir()
+    torch.save(reference_griffin(window=2048, vocab=97).state_dict(), src / "griffin.pt")
+    (src / "tokenizer.model").write_bytes(buf.getvalue())
+    (src / "tokenizer_config.json").write_text(json.dumps({"chat_template": GEMMA_TEMPLATE, "bos_token": "<bos>",
+                                                           "eos_token": "<eos>"}))
+    out = convert(src / "griffin.pt", tmp_path / "converted")
+    assert (out / "tokenizer_config.json").read_text() == (src / "tokenizer_config.json").read_text()
+    shutil.rmtree(src)
+    lm = kitelm.load(out)
+    template = load_chat_template(lm.tokenizer, lm.path)
+    assert template.origin.endswith("tokenizer_config.json")
+    assert template.render([{"role": "user", "content": "alpha"}]) == \
+        "<bos><start_of_turn>user\nalpha<end_of_turn>\n<start_of_turn>model\n"
+    ids = template.prompt_ids([{"role": "user", "content": "alpha"}])
+    assert ids[0] == lm.tokenizer.bos_id and ids.count(lm.tokenizer.bos_id) == 1
