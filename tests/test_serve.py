@@ -453,3 +453,33 @@ def test_convert_carries_the_chat_template_to_the_kitelm_checkpoint(tmp_path):
         "<bos><start_of_turn>user\nalpha<end_of_turn>\n<start_of_turn>model\n"
     ids = template.prompt_ids([{"role": "user", "content": "alpha"}])
     assert ids[0] == lm.tokenizer.bos_id and ids.count(lm.tokenizer.bos_id) == 1
+
+
+@pytest.mark.parametrize("preset", ["griffin-tiny", "transformer-tiny", "hawk-tiny", "griffin-sas-tiny", "sas-small"])
+def test_sequences_joining_and_leaving_the_batch_each_get_their_solo_output(preset):
+    """Rows join (written in place or by a rebuild) and leave (the last row moves into the hole) at every step."""
+    lm = tiny_lm(preset, max_seq_len=256, **({"width": 64, "n_layers": 2} if preset == "sas-small" else {}))
+    engine = Engine(lm.model, lm.tokenizer, max_seqs=3, prefill_chunk=7)
+    prompts = [list(b"p%d " % i + b"y" * (11 * i % 30)) for i in range(7)]
+    lengths = [5 + 4 * i for i in range(7)]  # different lengths: sequences leave at different steps
+    expected = [[int(t) for t in generate_tokens(lm.model, [p], n, Sampling(0.0))] for p, n in zip(prompts, lengths)]
+    got: dict[int, list[int]] = {i: [] for i in range(7)}
+    done = threading.Semaphore(0)
+
+    def on_event(i):
+        def f(ev):
+            got[i].extend(ev.token_ids)
+            if ev.kind == "done":
+                done.release()
+        return f
+
+    for i, (p, n) in enumerate(zip(prompts, lengths)):
+        engine.submit(Request(p, GenerationParams(max_tokens=n, temperature=0.0), on_event(i)))
+    engine.start()
+    try:
+        for _ in range(7):
+            assert done.acquire(timeout=300)
+        assert [got[i] for i in range(7)] == expected
+        assert engine.batch.n == 0 and engine.reserved == 0
+    finally:
+        engine.stop()

@@ -11,8 +11,8 @@ Each step of the loop
    rest together in one batched forward.
 
 A long prompt therefore costs the running streams one chunk per step, never its whole prefill, while several short
-prompts are prefilled in one step. The batch is one
-`ModelCache` whose rows are the running sequences; joining and leaving rebuild it with `state.gather`. The engine
+prompts are prefilled in one step. The batch is a `state.RowBatch`: one cache whose rows [0, n) are the running
+sequences; a joining sequence writes one row, a leaving one is replaced by the last row. The engine
 knows nothing about HTTP: requests carry a callback that receives `Event`s on the engine thread.
 """
 
@@ -30,7 +30,7 @@ import torch
 
 from ..errors import KitelmError
 from ..generate import Sampling, sample_next
-from .state import gather, is_bounded, kv_room, state_nbytes
+from .state import RowBatch, gather, is_bounded, state_nbytes
 from .state_cache import StateCache
 
 log = logging.getLogger("kitelm.serve")
@@ -159,8 +159,8 @@ class Engine:
         self._lock = threading.Lock()
         self.waiting: deque[Request] = deque()
         self.prefilling: deque[_Prefill] = deque()
-        self.running: list[_Seq] = []
-        self.batch = None
+        self.running: list[_Seq] = []  # row i of self.batch is self.running[i]
+        self.batch = RowBatch(model, 0 if self.bounded else KV_HEADROOM)
         self.reserved = 0
         self.generated_tokens = self.prompt_tokens = self.requests_done = 0
         self._rate: deque[tuple[float, int]] = deque()  # (time, tokens) of recent decode steps, for tokens/s
@@ -272,7 +272,8 @@ class Engine:
         reqs = {id(s.req): s.req for s in self.running} | {id(p.req): p.req for p in self.prefilling}
         for req in reqs.values():
             self._emit(req, Event("error", message=message))
-        self.running, self.prefilling, self.batch, self.reserved = [], deque(), None, 0
+        self.running, self.prefilling, self.reserved = [], deque(), 0
+        self.batch = RowBatch(self.model, self.batch.headroom)
 
     def _emit(self, req: Request, event: Event) -> None:
         try:
@@ -348,14 +349,12 @@ class Engine:
             return len(chunk)
         for s in seqs:
             s.prompt_logprobs = p.prompt_logprobs
-        parts = ([(self.batch, list(range(len(self.running))))] if self.running else []) + [(p.cache, [0] * len(seqs))]
-        self.batch = gather(self.model, parts, headroom=0 if self.bounded else KV_HEADROOM)
+        self.batch.add(p.cache, copies=len(seqs))
         self.running.extend(seqs)
         return len(chunk)
 
     def _decode_step(self) -> None:
         finished = []
-        tokens = []
         for i, s in enumerate(self.running):
             tok, lp = self._sample(s)
             s.generated.append(tok)
@@ -368,20 +367,18 @@ class Engine:
             self._stream(s, tok, lp)
             if s.finish_reason is not None:
                 finished.append(i)
-            tokens.append(tok)
         self.generated_tokens += len(self.running)
         self._rate.append((time.monotonic(), len(self.running)))
         while len(self._rate) > 4096:
             self._rate.popleft()
-        keep_tokens = [t for i, t in enumerate(tokens) if i not in set(finished)]
         if finished:
             self._retire(finished, keep=True)
         if not self.running:
             return
-        if not self.bounded and kv_room(self.batch) < 1:
-            self.batch = gather(self.model, [(self.batch, list(range(len(self.running))))], headroom=KV_HEADROOM)
-        ids = torch.tensor(keep_tokens, dtype=torch.long, device=self.device)[:, None]
-        logits = self.model(ids, cache=self.batch)[:, -1]
+        ids = torch.tensor([s.generated[-1] for s in self.running], dtype=torch.long, device=self.device)[:, None]
+        view = self.batch.view()
+        logits = self.model(ids, cache=view)[:, -1]
+        self.batch.sync(view)
         for i, s in enumerate(self.running):
             s.logits = logits[i]
 
@@ -421,14 +418,14 @@ class Engine:
                                 logprobs=[lp] if lp is not None else []))
 
     def _retire(self, rows: list[int], keep: bool) -> None:
-        """Remove `rows` from the batch; with `keep`, their states are kept and their requests told they are done."""
-        rows_set = set(rows)
-        for i in rows:
+        """Remove `rows` from the batch; with `keep`, their states are kept and their requests told they are done.
+        Highest row first: each removal moves the last row, which is then never one still to remove."""
+        for i in sorted(rows, reverse=True):
             s = self.running[i]
             absorbed = s.req.prompt_ids + s.generated[:-1]  # the last sampled token was never fed
             state = None
             if keep and (s.req.return_state or s.req.start_state is None):
-                state = gather(self.model, [(self.batch, [i])])
+                state = self.batch.take(i)
                 if s.req.start_state is None:
                     self.state_cache.put(absorbed, state)
             if keep:
@@ -438,10 +435,9 @@ class Engine:
             self.reserved -= s.req.reserved
             if s.index == 0:
                 self.requests_done += 1
-        remaining = [i for i in range(len(self.running)) if i not in rows_set]
-        self.running = [self.running[i] for i in remaining]
-        self.batch = gather(self.model, [(self.batch, remaining)],
-                            headroom=0 if self.bounded else KV_HEADROOM) if remaining else None
+            self.batch.remove(i)
+            self.running[i] = self.running[-1]
+            self.running.pop()
 
     def _done_event(self, s: _Seq, prompt_logprobs, state=None, unabsorbed=None) -> Event:
         rest, s.emitted = s.text[s.emitted:], len(s.text)

@@ -4,6 +4,7 @@ A `ModelCache` (one state per layer + `next_pos [B]`) holds several sequences, o
 running sequences in one batch cache and needs three things from it, whatever the architecture:
 
     gather(model, [(cache, rows), ...], headroom) → a new cache holding those rows, in that order
+    write_row / move_row                          → one row in place (`RowBatch`: join and leave in O(one state))
     state_nbytes(cache)                           → bytes held (the memory a sequence costs)
     save_state / load_state                       → a conversation's state on disk (safetensors)
 
@@ -56,10 +57,11 @@ def _kv_span(state, rows) -> int:
     return 0 if filled.numel() == 0 else state.length - int(filled[0])
 
 
-def gather(model, parts: list[tuple[object, list[int]]], headroom: int = 0):
+def gather(model, parts: list[tuple[object, list[int]]], headroom: int = 0, batch_rows: int = 0):
     """A new cache holding `rows` of each `(cache, rows)` in `parts`, in that order (a cache may appear several times:
-    n > 1 forks one prompt's state). Global-attention layers get `headroom` free slots after the longest row."""
-    batch = sum(len(rows) for _, rows in parts)
+    n > 1 forks one prompt's state), then empty rows up to `batch_rows`. Global-attention layers get `headroom` free
+    slots after the longest row."""
+    batch = max(batch_rows, sum(len(rows) for _, rows in parts))
     first = parts[0][0]
     kinds = [_kind(s) for s in first.layers]
     length = 0
@@ -99,6 +101,111 @@ def gather(model, parts: list[tuple[object, list[int]]], headroom: int = 0):
         elif kind == "ring":
             dest.count = count
     return out
+
+
+def write_row(cache, row: int, single) -> None:
+    """Write the single-row cache `single` into row `row` of `cache` (global attention: its span must fit the filled
+    slots, see `fits_row`), aligned to the batch's shared counters."""
+    cache.next_pos[row] = single.next_pos[0]
+    for dest, src in zip(cache.layers, single.layers):
+        kind = _kind(dest)
+        if kind == "kv":
+            span, length = _kv_span(src, [0]), dest.length
+            dest.pos[row] = -1
+            dest.k[row, :, length - span:length] = src.k[0, :, src.length - span:src.length]
+            dest.v[row, :, length - span:length] = src.v[0, :, src.length - span:src.length]
+            dest.pos[row, length - span:length] = src.pos[0, src.length - span:src.length]
+        elif kind == "ring":
+            shift = (dest.count - src.count) % dest.window
+            dest.k[row] = torch.roll(src.k[0], shift, dims=1)
+            dest.v[row] = torch.roll(src.v[0], shift, dims=1)
+            dest.segment[row] = torch.roll(src.segment[0], shift, dims=0)
+            dest.last_segment[row] = src.last_segment[0]
+        elif kind == "recurrent":
+            dest.conv[row] = src.conv[0]
+            dest.h[row] = src.h[0]
+
+
+def fits_row(cache, single) -> bool:
+    """Whether `write_row(cache, ·, single)` can place `single` without moving the other rows."""
+    return all(_kv_span(src, [0]) <= dest.length for dest, src in zip(cache.layers, single.layers)
+               if _kind(dest) == "kv")
+
+
+def move_row(cache, src: int, dst: int) -> None:
+    """Copy row `src` of every buffer into row `dst`."""
+    cache.next_pos[dst] = cache.next_pos[src]
+    for state in cache.layers:
+        for b in (state.buffers() if state is not None else ()):
+            b[dst] = b[src]
+
+
+def _row_view(state, n: int):
+    """The same state restricted to rows [0, n): its buffers are views, its counters copies (see `RowBatch.sync`)."""
+    view = object.__new__(type(state))
+    view.__dict__.update(state.__dict__)
+    view.__dict__["_buffers"] = {name: b[:n] for name, b in state._buffers.items()}
+    return view
+
+
+class RowBatch:
+    """The running sequences' states in rows [0, n) of one preallocated cache.
+
+    A joining sequence is written into row n and a leaving one replaced by the last row (`move_row`), so a change
+    costs one sequence's state, not the batch's. The cache is rebuilt with `gather` only when it needs more rows or,
+    for global attention, more slots (then `headroom` more) or a longer span than the batch holds."""
+
+    def __init__(self, model, headroom: int = 0):
+        self.model, self.headroom = model, headroom
+        self.cache = None
+        self.n = 0
+
+    def _rebuild(self, extra: list[tuple[object, list[int]]] = (), rows: int = 0) -> None:
+        parts = ([(self.cache, list(range(self.n)))] if self.n else []) + list(extra)
+        self.cache = gather(self.model, parts, self.headroom, batch_rows=rows) if parts else None
+
+    def add(self, single, copies: int = 1) -> None:
+        """Append `copies` rows holding the single-row cache `single`."""
+        rows = 0 if self.cache is None else self.cache.next_pos.shape[0]
+        if rows < self.n + copies or not fits_row(self.cache, single) or _kv_full(self.cache):
+            self._rebuild([(single, [0] * copies)], rows=max(self.n + copies, 2 * rows))
+        else:
+            for r in range(self.n, self.n + copies):
+                write_row(self.cache, r, single)
+        self.n += copies
+
+    def remove(self, row: int) -> None:
+        """Drop `row`; the last row takes its place (the caller mirrors that in its own list)."""
+        if row != self.n - 1:
+            move_row(self.cache, self.n - 1, row)
+        self.n -= 1
+        if self.n == 0:
+            self.cache = None  # an idle server holds no batch memory
+
+    def take(self, row: int):
+        """A single-row copy of `row` (for the kept-state cache or the caller)."""
+        return gather(self.model, [(self.cache, [row])])
+
+    def view(self):
+        """The cache of rows [0, n) for one forward; call `sync(view)` after it."""
+        if _kv_full(self.cache):
+            self._rebuild(rows=self.cache.next_pos.shape[0])
+        return type(self.cache)([_row_view(s, self.n) for s in self.cache.layers], self.cache.next_pos[:self.n])
+
+    def sync(self, view) -> None:
+        """Carry a forward's counter and position updates from `view` back to the batch."""
+        self.cache.next_pos[:self.n] = view.next_pos
+        for state, v in zip(self.cache.layers, view.layers):
+            kind = _kind(state)
+            if kind == "kv":
+                state.length = v.length
+            elif kind == "ring":
+                state.count = v.count
+
+
+def _kv_full(cache) -> bool:
+    room = kv_room(cache)
+    return room is not None and room < 1
 
 
 def kv_room(cache) -> int | None:
