@@ -13,6 +13,7 @@ import json
 import os
 import secrets
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Any, Union
 
@@ -37,6 +38,29 @@ class APIError(Exception):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code, self.headers = (status, message, type_, param,
                                                                                       code, headers)
+
+
+class _Dispatcher:
+    """Hands engine events (engine thread) to their asyncio queues (event-loop thread) with one loop wake-up per
+    burst of events, not one per token: the engine emits one event per running sequence per step."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop, self.pending, self.scheduled = loop, deque(), False
+
+    def send(self, events: asyncio.Queue, event: Event) -> None:
+        self.pending.append((events, event))
+        if not self.scheduled:
+            self.scheduled = True
+            try:
+                self.loop.call_soon_threadsafe(self._drain)
+            except RuntimeError:  # the loop has closed (server shutting down): nobody is listening
+                pass
+
+    def _drain(self) -> None:
+        self.scheduled = False
+        while self.pending:
+            events, event = self.pending.popleft()
+            events.put_nowait(event)
 
 
 def error_response(status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
@@ -173,10 +197,13 @@ def create_app(engine: Engine, template: ChatTemplate, settings: ServerSettings)
                                 seed=body.seed, stop=tuple(s for s in stop if s), stop_ids=frozenset(stop_ids),
                                 logprobs=logprobs, prompt_logprobs=prompt_logprobs)
 
+    dispatchers: dict[int, _Dispatcher] = {}
+
     def submit(prompt_ids: list[int], params: GenerationParams, n: int) -> tuple[Request, asyncio.Queue]:
         loop = asyncio.get_running_loop()
+        dispatcher = dispatchers.get(id(loop)) or dispatchers.setdefault(id(loop), _Dispatcher(loop))
         events: asyncio.Queue = asyncio.Queue()
-        req = Request(prompt_ids, params, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev), n=n)
+        req = Request(prompt_ids, params, lambda ev: dispatcher.send(events, ev), n=n)
         try:
             engine.submit(req)
         except QueueFull as err:
@@ -189,26 +216,34 @@ def create_app(engine: Engine, template: ChatTemplate, settings: ServerSettings)
         return req, events
 
     async def collect(request: HTTPRequest, jobs: list[tuple[Request, asyncio.Queue]]) -> list[list[Event]]:
-        """Every job's events until its n choices are done; aborts all of them if the client goes away."""
-        out: list[list[Event]] = []
-        try:
+        """Every job's events until its n choices are done; aborts all of them if the client goes away (checked
+        every 0.5 s, not per event)."""
+
+        async def events_of_all() -> list[list[Event]]:
+            out: list[list[Event]] = []
             for req, events in jobs:
                 got: list[Event] = []
                 done = 0
                 while done < req.n:
-                    try:
-                        ev = await asyncio.wait_for(events.get(), timeout=0.5)
-                    except asyncio.TimeoutError:
-                        if await request.is_disconnected():
-                            raise asyncio.CancelledError from None
-                        continue
+                    ev = await events.get()
                     if ev.kind == "error":
                         raise APIError(500, ev.message, "server_error")
                     got.append(ev)
                     done += ev.kind == "done"
                 out.append(got)
             return out
+
+        task = asyncio.ensure_future(events_of_all())
+        try:
+            while True:
+                finished, _ = await asyncio.wait({task}, timeout=0.5)
+                if finished:
+                    return task.result()
+                if await request.is_disconnected():
+                    task.cancel()
+                    raise asyncio.CancelledError
         finally:
+            task.cancel()
             for req, _ in jobs:
                 req.abort()  # no-op for finished requests; frees the slots of a client that left
 
@@ -287,7 +322,7 @@ def create_app(engine: Engine, template: ChatTemplate, settings: ServerSettings)
         jobs = [submit(ids, params, body.n) for ids in encoded]
         rid, created = f"cmpl-{secrets.token_hex(12)}", int(time.time())
         if body.stream:
-            return _sse(_stream_completion(request, jobs, rid, created, settings.model_name, body, token_str))
+            return _sse(_stream_completion(jobs, rid, created, settings.model_name, body, token_str))
         results = await collect(request, jobs)
         choices = []
         for p_index, (ids, events) in enumerate(zip(encoded, results)):
@@ -341,7 +376,7 @@ def create_app(engine: Engine, template: ChatTemplate, settings: ServerSettings)
         rid, created = f"chatcmpl-{secrets.token_hex(12)}", int(time.time())
         if body.stream:
             include_usage = bool((body.stream_options or {}).get("include_usage"))
-            return _sse(_stream_chat(request, job, rid, created, settings.model_name, include_usage, token_str))
+            return _sse(_stream_chat(job, rid, created, settings.model_name, include_usage, token_str))
         (events,) = await collect(request, [job])
         choices = []
         for i in range(body.n):
@@ -401,18 +436,13 @@ def _data(obj) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-async def _events(request: HTTPRequest, job: tuple[Request, asyncio.Queue]):
+async def _events(job: tuple[Request, asyncio.Queue]):
     """A job's events until its n choices are done; the request is aborted when the stream ends early."""
     req, events = job
     done = 0
-    try:
+    try:  # a client that leaves cancels this generator (Starlette's StreamingResponse listens for the disconnect)
         while done < req.n:
-            try:
-                ev = await asyncio.wait_for(events.get(), timeout=1.0)
-            except asyncio.TimeoutError:
-                if await request.is_disconnected():
-                    return
-                continue
+            ev = await events.get()
             yield ev
             if ev.kind == "error":
                 return
@@ -425,13 +455,13 @@ def _error_chunk(message: str) -> str:
     return _data({"error": {"message": message, "type": "server_error", "param": None, "code": None}})
 
 
-async def _stream_chat(request, job, rid, created, model, include_usage, token_str):
+async def _stream_chat(job, rid, created, model, include_usage, token_str):
     base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model}
     for i in range(job[0].n):
         yield _data({**base, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
                                           "logprobs": None, "finish_reason": None}]})
     finals = []
-    async for ev in _events(request, job):
+    async for ev in _events(job):
         if ev.kind == "error":
             yield _error_chunk(ev.message)
             return
@@ -449,12 +479,12 @@ async def _stream_chat(request, job, rid, created, model, include_usage, token_s
     yield "data: [DONE]\n\n"
 
 
-async def _stream_completion(request, jobs, rid, created, model, body, token_str):
+async def _stream_completion(jobs, rid, created, model, body, token_str):
     base = {"id": rid, "object": "text_completion", "created": created, "model": model}
     include_usage = bool((body.stream_options or {}).get("include_usage"))
     finals = []
     for p_index, job in enumerate(jobs):
-        async for ev in _events(request, job):
+        async for ev in _events(job):
             if ev.kind == "error":
                 yield _error_chunk(ev.message)
                 return

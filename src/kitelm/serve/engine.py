@@ -122,6 +122,7 @@ class _Seq:
         self.generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
         self.generated: list[int] = []
         self.logits: torch.Tensor | None = None
+        self.argmax: int | None = None  # argmax of `logits`, computed for the whole batch at once
         self.emitted = 0
         self.cached = 0
         self.finish_reason: str | None = None
@@ -379,13 +380,14 @@ class Engine:
         view = self.batch.view()
         logits = self.model(ids, cache=view)[:, -1]
         self.batch.sync(view)
+        best = logits.argmax(-1).tolist()  # one op for every greedy row
         for i, s in enumerate(self.running):
-            s.logits = logits[i]
+            s.logits, s.argmax = logits[i], best[i]
 
     def _sample(self, s: _Seq) -> tuple[int, TokenLogprob | None]:
         logits = s.logits
         if s.params.temperature == 0:
-            tok = int(logits.argmax())
+            tok = s.argmax if s.argmax is not None else int(logits.argmax())
         else:
             tok = int(sample_next(logits[None], s.params.sampling, s.generator)[0])
         lp = None
