@@ -53,5 +53,6 @@ def test_sigkill_at_random_moments_then_resume_is_bitwise_identical(corpus_dir, 
     a = load_file(latest_checkpoint(straight) / "model.safetensors")
     b = load_file(latest_checkpoint(crashed) / "model.safetensors")
     assert latest_checkpoint(crashed).name == "step-00000040"
+    # bitwise: the resumed and the uninterrupted run execute the same kernels in the same order on one machine
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert not [p for p in (crashed / "checkpoints").iterdir() if p.name.startswith(".tmp-")]

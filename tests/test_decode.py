@@ -17,6 +17,7 @@ from kitelm.layers.rglru import RGLRU
 from kitelm.models import build_model
 from kitelm.ops import decode
 from kitelm.ops.extension import disabled_reason
+from numerics import assert_fp32_close, matmul_bound, model_reductions
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +38,8 @@ def kernels():
 def test_small_linear_matches_f_linear(kernels, rows, d_in, d_out, bias):
     x = torch.randn(d_in, rows).t()[:, None]  # [rows, 1, in], not contiguous
     w, b = torch.randn(d_out, d_in), torch.randn(d_out) if bias else None
-    torch.testing.assert_close(kernels.small_linear(x, w, b), F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+    error = (kernels.small_linear(x, w, b) - F.linear(x, w, b)).abs()
+    assert (error <= matmul_bound(x, w, b)).all()  # elementwise: 2·γ_K · (|x| |w|ᵀ + |b|), tests/numerics.py
 
 
 @pytest.mark.parametrize("unit_offset", [True, False])
@@ -46,8 +48,9 @@ def test_rms_norm_kernel_matches_its_torch_twin(kernels, unit_offset):
     torch.nn.init.normal_(norm.weight)
     x = torch.randn(3, 1, 65) * 3
     with torch.no_grad():
-        torch.testing.assert_close(kernels.rms_norm(x, norm.weight, norm.eps, float(unit_offset)), norm.forward_ref(x))
-        torch.testing.assert_close(norm(x), norm.forward_ref(x))  # the layer takes the kernel here
+        # the mean of 65 squares, then rsqrt and the gain: (terms, depth) = (65, 2)
+        assert_fp32_close(kernels.rms_norm(x, norm.weight, norm.eps, float(unit_offset)), norm.forward_ref(x), 65, 2)
+        assert_fp32_close(norm(x), norm.forward_ref(x), 65, 2, name="layer")  # the layer takes the kernel here
 
 
 def _resets(batch: int) -> torch.Tensor:
@@ -63,10 +66,8 @@ def test_conv1d_step_and_its_twin_match_the_full_forward_and_update_the_state(ke
         expected, expected_state = conv(x, _resets(3), state)  # the general masked path
         y_ref, state_ref = conv.step_ref(x, _resets(3), state.clone())
         y = kernels.conv1d_step(x, conv.w, conv.b, state, _resets(3) == 0)  # updates `state` in place
-    torch.testing.assert_close(y_ref, expected)
-    torch.testing.assert_close(state_ref, expected_state)
-    torch.testing.assert_close(y, expected)
-    torch.testing.assert_close(state, expected_state)
+    for got, want in ((y_ref, expected), (state_ref, expected_state), (y, expected), (state, expected_state)):
+        assert_fp32_close(got, want, terms=4)  # 4 taps and a bias per output
 
 
 @pytest.mark.parametrize("heads", [1, 4])
@@ -81,10 +82,9 @@ def test_rglru_step_and_its_twin_match_the_scan(kernels, heads):
         y_ref, h_ref = lru.step_ref(x, segment_pos, h0)
         h = kernels.rglru_step(x, lru.input_gate.w, lru.input_gate.b, lru.a_gate.w, lru.a_gate.b, lru.a_param, h0,
                                segment_pos == 0, 8.0)
-    torch.testing.assert_close(h_ref, expected_h)
-    torch.testing.assert_close(y_ref, expected)
-    torch.testing.assert_close(h, expected_h)
-    torch.testing.assert_close(h[:, None], expected)
+    block = 64 // heads  # the gates' block-diagonal reductions, then sigmoid/exp/sqrt and one step: depth 3
+    for got, want in ((h_ref, expected_h), (y_ref, expected), (h, expected_h), (h[:, None], expected)):
+        assert_fp32_close(got, want, terms=block, depth=3)
 
 
 def test_steps_take_the_kernels_only_where_they_apply(kernels, monkeypatch):
@@ -155,4 +155,4 @@ def test_token_by_token_decoding_matches_the_full_forward(preset, fast, monkeypa
         steps = [model(ids[:, :5], positions[:, :5], cache)]
         steps += [model(ids[:, t:t + 1], positions[:, t:t + 1], cache) for t in range(5, ids.shape[1])]
     real = positions >= 0
-    torch.testing.assert_close(torch.cat(steps, 1)[real], full[real], rtol=1e-5, atol=2e-5)
+    assert_fp32_close(torch.cat(steps, 1)[real], full[real], *model_reductions(config, ids.shape[1]))

@@ -12,8 +12,17 @@ import torch.multiprocessing as mp
 from kitelm.presets import PRESETS, get_preset
 from kitelm.errors import ConfigError
 from kitelm.train.trainer import TrainConfig, Trainer
+from numerics import fp32_tolerance, model_reductions
 
 STEPS = 6
+
+
+def trajectory_tolerance(name: str) -> float:
+    """Relative bound on a loss (or a parameter's movement) after STEPS steps of two runs that differ only in how
+    their sums are split across processes: each step's forward and backward round like any fp32 model
+    (tests/numerics.py), over reductions of up to the 4 × 2 × 32 tokens of a step, and the steps' differences add."""
+    terms, depth = model_reductions(get_preset(name), 4 * 2 * 32)
+    return STEPS * fp32_tolerance(terms, 2 * depth)
 
 
 def _config(corpus_dir, out, **kw):
@@ -65,7 +74,8 @@ def test_ddp_and_fsdp_match_single_process(runs, corpus_dir, tmp_path):
         assert len(reference) == STEPS
         for mode in ("ddp", "fsdp"):
             got = _losses(root / f"{name}-{mode}")
-            assert max(abs(a - b) for a, b in zip(got, reference)) <= 1e-5, (name, mode, got, reference)
+            bound = trajectory_tolerance(name) * max(reference)
+            assert max(abs(a - b) for a, b in zip(got, reference)) <= bound, (name, mode, got, reference)
 
 
 def test_distributed_run_resumes_on_one_process(runs, corpus_dir, tmp_path):
@@ -75,11 +85,14 @@ def test_distributed_run_resumes_on_one_process(runs, corpus_dir, tmp_path):
         assert resumed.step == 3
         resumed.train()
         single = Trainer(get_preset(name), _config(corpus_dir, tmp_path / name))
+        initial = [p.detach().clone() for p in single.model.parameters()]
         single.train()
         got, reference = _losses(root / f"{name}-stopped"), _losses(tmp_path / name)
-        assert max(abs(a - b) for a, b in zip(got, reference)) <= 1e-5
-        for a, b in zip(resumed.model.parameters(), single.model.parameters()):
-            torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+        assert max(abs(a - b) for a, b in zip(got, reference)) <= trajectory_tolerance(name) * max(reference)
+        # AdamW normalises each update, so a parameter whose gradient is rounding noise may move differently in the
+        # two runs; the parameters as a whole differ by the trajectory's rounding, relative to how far they moved
+        for a, b, start in zip(resumed.model.parameters(), single.model.parameters(), initial):
+            assert (a - b).norm() <= trajectory_tolerance(name) * (b - start).norm()
 
 
 def test_fsdp_without_process_group_is_a_clear_error(corpus_dir, tmp_path, monkeypatch):

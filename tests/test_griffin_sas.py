@@ -14,10 +14,11 @@ from kitelm.generate import Sampling, generate_tokens
 from kitelm.layers import shaped_attention
 from kitelm.layers.shaped_attention import LocalShapedAttention
 from kitelm.models import build_model
+from numerics import assert_fp32_close, model_reductions
 
 _one_thread = pytest.fixture(scope="module", autouse=True)(one_thread)
-TOL = 1e-5
 WIDTH, HEADS, HD = 32, 4, 8
+LAYER = (150, 4)  # one attention layer: sums of ≤ 150 terms (the dense reference's rows) in 4 chained reductions
 
 
 def randomize_gains_(module: torch.nn.Module, seed: int = 0) -> None:
@@ -85,9 +86,9 @@ def test_blocked_forward_matches_the_dense_shaped_matrix(kv_heads):
     pos = positions_with_documents(150, {0, 40, 97}).expand(2, -1)
     with torch.no_grad():
         ref, mat, _ = dense_reference(attn, x, pos)
-        assert (ref - attn(x, pos)).abs().max() < TOL
+        assert_fp32_close(attn(x, pos), ref, *LAYER, name="blocked vs dense")
     gains = (attn.alpha + attn.beta - attn.gamma).detach()
-    assert torch.allclose(mat.sum(-1), gains.view(1, -1, 1).expand(2, -1, 150), atol=1e-6)
+    assert_fp32_close(mat.sum(-1), gains.view(1, -1, 1).expand(2, -1, 150), terms=150, depth=2, name="row sums")
 
 
 def test_rows_sum_to_alpha_and_centring_is_the_window_mean():
@@ -97,12 +98,12 @@ def test_rows_sum_to_alpha_and_centring_is_the_window_mean():
     with torch.no_grad():  # β = γ, a constant input: y = (row sum of Ã_h)·c_h = α_h·c_h for every token
         attn.gamma.copy_(attn.beta)
         y = attn(c.expand(1, 150, -1), pos)
-        assert torch.allclose(y, (attn.alpha.repeat_interleave(HD) * c).expand(1, 150, -1), atol=1e-6)
+        assert_fp32_close(y, (attn.alpha.repeat_interleave(HD) * c).expand(1, 150, -1), *LAYER, name="α·c")
         attn.alpha.zero_(), attn.beta.zero_(), attn.gamma.fill_(-1.0)  # y = C·x: the mean of the visible window
         x = torch.randn(1, 150, WIDTH)
         _, _, visible = dense_reference(attn, x, pos)
         mean = (visible.float() @ x) / visible.sum(-1, keepdim=True)
-        assert (attn(x, pos) - mean).abs().max() < TOL
+        assert_fp32_close(attn(x, pos), mean, *LAYER, name="window mean")
 
 
 def test_no_leakage_across_documents_or_beyond_the_window():
@@ -151,7 +152,7 @@ def test_decode_and_chunked_continuation_match_the_full_forward():
             for n in chunks:
                 pieces.append(model(tokens[:, start:start + n], positions[:, start:start + n], cache))
                 start += n
-            assert (torch.cat(pieces, 1) - full).abs().max() < TOL
+            assert_fp32_close(torch.cat(pieces, 1), full, *model_reductions(model.config, 40), name=str(chunks))
     assert cache.layers[2].v.shape == (2, 4, 4, 16)  # the inputs x, split into all heads, are the stored values
 
 
@@ -168,8 +169,8 @@ def test_left_padded_batch_matches_single_rows():
             single_cache = model.new_cache(1)
             first = model(torch.tensor([prompt]), torch.arange(len(prompt))[None], single_cache)[:, -1]
             second = model(torch.tensor([[7 + row]]), cache=single_cache)[:, -1]
-            assert (first[0] - batched[0][row]).abs().max() < TOL
-            assert (second[0] - batched[1][row]).abs().max() < TOL
+            assert_fp32_close(batched[0][row], first[0], *model_reductions(model.config, width), name=f"row {row}")
+            assert_fp32_close(batched[1][row], second[0], *model_reductions(model.config, width + 1), name=f"row {row}")
     greedy = torch.stack(list(generate_tokens(model, prompts, 6, Sampling(temperature=0))), 1)
     for row, prompt in enumerate(prompts):
         assert torch.equal(greedy[row], torch.stack(list(generate_tokens(model, [prompt], 6,

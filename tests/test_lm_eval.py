@@ -17,6 +17,7 @@ from kitelm import load  # noqa: E402
 from kitelm.presets import get_preset  # noqa: E402
 from kitelm.lm_eval_adapter import KitelmLM  # noqa: E402
 from kitelm.train.trainer import TrainConfig, Trainer  # noqa: E402
+from numerics import fp32_tolerance, model_reductions
 
 
 @pytest.fixture(scope="module")
@@ -30,6 +31,13 @@ def checkpoint(corpus_dir, tmp_path_factory):
 
 def _requests(kind: str, args: list[tuple]) -> list[Instance]:
     return [Instance(kind, {}, a, i) for i, a in enumerate(args)]
+
+
+def _sum_tolerance(lm, total: float) -> float:
+    """A sum of per-token log-probabilities: each is the model's fp32 output, the sum adds one more reduction
+    (tests/numerics.py); relative to the sum's magnitude."""
+    terms, depth = model_reductions(lm.config, 256)
+    return fp32_tolerance(terms, depth + 1) * max(abs(total), 1.0)
 
 
 def _manual_logprob(lm, context: str, continuation: str) -> float:
@@ -46,8 +54,9 @@ def test_loglikelihood_matches_the_model_and_batching_changes_nothing(checkpoint
     batched = KitelmLM(lm=lm, batch_size=3).loglikelihood(_requests("loglikelihood", pairs), disable_tqdm=True)
     alone = KitelmLM(lm=lm, batch_size=1).loglikelihood(_requests("loglikelihood", pairs), disable_tqdm=True)
     for (context, continuation), (logp, _), (logp_alone, _) in zip(pairs, batched, alone):
-        assert logp == pytest.approx(_manual_logprob(lm, context, continuation), abs=1e-4)
-        assert logp == pytest.approx(logp_alone, abs=1e-4)
+        expected = _manual_logprob(lm, context, continuation)
+        assert logp == pytest.approx(expected, abs=_sum_tolerance(lm, expected))
+        assert logp == pytest.approx(logp_alone, abs=_sum_tolerance(lm, expected))
     greedy = lm.generate("def", max_new_tokens=4, temperature=0)
     (_, is_greedy), = KitelmLM(lm=lm).loglikelihood(_requests("loglikelihood", [("def", greedy)]), True)
     assert is_greedy
@@ -57,7 +66,8 @@ def test_loglikelihood_rolling_scores_every_token_once(checkpoint):
     lm = load(checkpoint)
     text = "def gamma(value, items=None):\n    return value * 3\n"
     full, = KitelmLM(lm=lm, max_length=256).loglikelihood_rolling(_requests("loglikelihood_rolling", [(text,)]), True)
-    assert full == pytest.approx(_manual_logprob(lm, "", text), abs=1e-3)
+    expected = _manual_logprob(lm, "", text)
+    assert full == pytest.approx(expected, abs=_sum_tolerance(lm, expected))
     windowed, = KitelmLM(lm=lm, max_length=8).loglikelihood_rolling(_requests("loglikelihood_rolling", [(text,)]), True)
     assert math.isfinite(windowed) and windowed < 0 and windowed != pytest.approx(full, abs=1e-6)
 

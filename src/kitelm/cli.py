@@ -295,6 +295,10 @@ def cmd_bench(args) -> int:
     writable_folder(args.out)
     _reexec_with_allocator_env(args)
     settings = BenchSettings.quick() if args.quick else BenchSettings()
+    if args.model:  # the decode experiment's models and weight formats
+        settings = dataclasses.replace(settings, decode_models=args.model)
+    if args.weights:
+        settings = dataclasses.replace(settings, decode_weights=args.weights, decode_group_size=args.group_size)
     run_bench(args.experiments or list(EXPERIMENTS), args.out, settings)
     print(f"results: {args.out}/results.md, results.json and PNG plots")
     return 0
@@ -387,9 +391,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_study)
 
     p = sub.add_parser("bench", help="measure speed and memory side by side with the installed peers")
-    p.add_argument("experiments", nargs="*", help="scan, train, sample, memory, params (default: all)")
+    p.add_argument("experiments", nargs="*", help="scan, train, sample, memory, params, decode (default: all)")
     p.add_argument("--quick", action="store_true", help="small sizes: about two minutes in all")
     p.add_argument("--out", default="benchmarks/results/latest", help="results folder")
+    p.add_argument("--model", nargs="+", help="decode: presets to measure (default griffin-small), e.g. "
+                   "recurrentgemma-2b")
+    p.add_argument("--weights", nargs="+", choices=("fp32", "bf16", "int8", "int4"),
+                   help="decode: weight formats (default all four)")
+    p.add_argument("--group-size", type=int, default=-1, help="decode: int8/int4 group size (default per format)")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("reproduce", help="measure the papers' claims on this machine: REPORT.md with a verdict "

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from ..precision import machine_info, native_bf16
+
 # glibc hands every freed block above 32 MiB back to the OS, so each new big tensor costs page faults and
 # memory-bound CPU code runs slower (benchmarks/NOTES.md, "The allocator trap"). Keep them in the process.
 ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "68719476736",
@@ -48,6 +50,12 @@ def median_seconds(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) 
     return time_runs(fn, repeats, warmup)[0]
 
 
+def gemm_peaks() -> dict[str, float]:
+    """Measured GEMM FLOP/s of every compute dtype: the denominators of MFU. bf16 is probed at n = 256 where it is
+    not native (~1 GFLOP/s: a 2048³ probe would take minutes), at the full size where it is."""
+    return {"float32": gemm_peak_flops(), "bfloat16": gemm_peak_flops(2048 if native_bf16() else 256, torch.bfloat16)}
+
+
 def gemm_peak_flops(n: int = 2048, dtype: torch.dtype = torch.float32, repeats: int = 15, warmup: int = 3) -> float:
     """Measured matmul FLOP/s, 2n³ ÷ the fastest of `repeats` n×n×n products after `warmup` ones: the denominator of
     MFU. At n = 2048 one product is ~0.1 s on 2 cores (the probe 2-4 s), long enough to amortise thread wake-up, and
@@ -75,20 +83,12 @@ def git_commit() -> str | None:
         return None
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def describe() -> dict:
-    return {"cpu": cpu_name(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+    """The CPU (name, the ISA flags that pick kernels and dtypes, torch's kernel level), threads, versions, allocator
+    settings, commit and command: recorded with every result."""
+    return {**machine_info(), "cores": os.cpu_count(),
             "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-            "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
+            "python": platform.python_version(), "platform": platform.platform(),
             "allocator_env": allocator_configured(), "commit": git_commit(), "command": " ".join(sys.argv)}
 
 

@@ -36,10 +36,12 @@ BLOCK_VARIANTS = (
 
 @dataclass
 class Sizes:
-    """Sequences per batch and tokens per sequence of an experiment's model runs."""
+    """Sequences per batch and tokens per sequence of an experiment's model runs, and their compute dtype ('auto':
+    bf16 autocast where the CPU has native bf16, `kitelm.precision`)."""
 
     batch_size: int = 16
     seq_len: int = 128
+    dtype: str = "auto"
 
 
 @dataclass
@@ -59,7 +61,6 @@ class BenchSettings(Sizes):
     memory_lengths: list[int] = field(default_factory=lambda: [1024, 4096, 16384, 65536])
     rss_max_len: int = 16384
     scan_shapes: list[tuple[int, int, int]] = field(default_factory=lambda: [(8, 4096, 1024), (8, 1024, 256)])
-    dtype: str = "float32"
     peers: bool = True  # also measure the installed HF peers (train, sample)
     # `serve`: concurrent streaming chat clients against `kitelm serve` (experiments/bench/serve.py)
     serve_models: list[str] = field(default_factory=lambda: ["griffin-small", "transformer-small"])
@@ -69,13 +70,22 @@ class BenchSettings(Sizes):
     serve_reply_tokens: int = 32
     serve_long_turns: int = 10  # the long conversation: TTFT of turn k with and without the kept state
     serve_long_user_chars: int = 300
+    # decode per weight format (`kitelm bench decode --model recurrentgemma-2b --weights int8`, experiments/bench/decode.py)
+    decode_models: list[str] = field(default_factory=lambda: ["griffin-small"])
+    decode_weights: list[str] = field(default_factory=lambda: ["fp32", "bf16", "int8", "int4"])
+    decode_group_size: int = -1  # -1: each format's default (quant/modules.py DEFAULT_GROUP)
+    decode_embedding: bool = True  # quantize the tied embedding/output matrix too
+    decode_prompt_lens: list[int] = field(default_factory=lambda: [64, 512, 2048])
+    decode_batches: list[int] = field(default_factory=lambda: [1, 4, 8, 16])
+    decode_steps: int = 12
 
     @classmethod
     def quick(cls) -> "BenchSettings":
         return cls(batch_size=4, seq_len=256, repeats=2, prompt_len=256, lengths=[64, 256, 1024], peer_max_len=256,
                    memory_lengths=[1024, 4096], rss_max_len=4096, scan_shapes=[(4, 1024, 256)],
                    serve_clients=[1, 4], serve_turns=2, serve_long_turns=4,
-                   train_models=["transformer-small", "griffin-small"])
+                   train_models=["transformer-small", "griffin-small"], decode_prompt_lens=[64],
+                   decode_batches=[1, 4], decode_steps=5)
 
     def check(self) -> None:
         """Refuse impossible sizes before any work starts."""
@@ -92,6 +102,29 @@ class BenchSettings(Sizes):
                                       "use shorter memory lengths")
         if any(n <= 0 for n in (self.batch_size, self.seq_len, self.repeats, self.prompt_len, *self.lengths)):
             raise KitelmError("benchmark sizes must be positive integers")
+        self._check_decode_fits()
+
+    def _check_decode_fits(self) -> None:
+        """Each decode format must fit this machine's available memory (numbers in the error, before any work)."""
+        from ..models import build_model
+        from ..quant import QuantSpec
+        from ..quant.checkpoint import conversion_bytes
+        from ..resources import available_memory
+
+        available = available_memory()
+        for name in self.decode_models:
+            config = get_preset(name)
+            for weights in self.decode_weights:
+                if weights == "fp32":
+                    need = 4 * sum(t.numel() for t in build_model(config, device="meta").state_dict().values())
+                else:
+                    out, largest = conversion_bytes(config, QuantSpec(weights, self.decode_group_size,
+                                                                      self.decode_embedding))
+                    need = out + largest
+                if available is not None and need > available:
+                    raise KitelmError(f"decode bench: {name} in {weights} needs about {need / 2**30:.1f} GiB but "
+                                      f"{available / 2**30:.1f} GiB of memory is available; drop {weights} from "
+                                      "--weights (e.g. --weights int8 int4)")
 
 
 def _total_memory_bytes() -> int | None:
@@ -125,7 +158,7 @@ class StudyRecipe(Sizes):
                            seq_len=self.seq_len, lr=self.lr, min_lr_ratio=0.0, warmup_steps=max(1, self.steps // 20),
                            schedule="linear", weight_decay=0.1, beta1=0.9, beta2=0.999, grad_clip=1.0, eval_every=every,
                            eval_tokens=self.eval_tokens, save_every=self.steps, keep_last=1,
-                           log_every=max(1, min(5, every)), seed=seed)
+                           log_every=max(1, min(5, every)), seed=seed, dtype=self.dtype)
 
 
 @dataclass

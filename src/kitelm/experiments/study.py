@@ -72,7 +72,8 @@ def run_block_study(out_dir: str | Path, recipe: StudyRecipe | None = None,
     for label, preset in variants:
         runs = []
         for seed in range(recipe.seeds):
-            trainer = Trainer(get_preset(preset), recipe.train_config(out / preset / f"seed-{seed}", seed))
+            trainer = Trainer(get_preset(preset), recipe.train_config(out / preset / f"seed-{seed}", seed),
+                              overwrite=True)  # a rerun study trains every variant afresh
             log(f"{label} ({preset}), seed {seed}: {recipe.steps} steps × {trainer.tc.tokens_per_step:,} tokens")
             trainer.train()
             runs.append(_curves(trainer.metrics))
@@ -84,12 +85,17 @@ def run_block_study(out_dir: str | Path, recipe: StudyRecipe | None = None,
             "non_embedding_params": model.num_params(non_embedding=True),
             "final_val_loss": final[0], "final_val_loss_std": final[1], "tokens_per_s": speed[0],
             "tokens_per_s_std": speed[1], "tokenizer": trainer.tokenizer.name, "runs": runs})
-        log(f"{label}: final validation loss {final[0]:.4f} ± {final[1]:.4f}, {speed[0]:,.0f} tokens/s")
+        log(f"{label}: final validation loss {_with_spread(*final, recipe.seeds)}, {speed[0]:,.0f} tokens/s")
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (out / "results.md").write_text(results_table(results) + "\n")
     _plot(results, "step", "step", out / "loss_vs_step.png")
     _plot(results, "train_s", "training time (s, evaluation excluded)", out / "loss_vs_time.png")
     return results
+
+
+def _with_spread(mean: float, std: float, seeds: int) -> str:
+    """`mean ± std` over seeds; the mean alone for one seed (whose spread is unknown, not zero)."""
+    return f"{mean:.4f} ± {std:.4f}" if seeds > 1 else f"{mean:.4f}"
 
 
 def results_table(results: dict) -> str:
@@ -105,7 +111,7 @@ def results_table(results: dict) -> str:
         change = v["non_embedding_params"] / base["non_embedding_params"] - 1
         lines.append(
             f"| {v['label']} | `{v['preset']}` | {v['params'] / 1e6:.2f}M | {v['non_embedding_params'] / 1e6:.2f}M "
-            f"({100 * change:+.1f}%) | {v['final_val_loss']:.4f} ± {v['final_val_loss_std']:.4f} | "
+            f"({100 * change:+.1f}%) | {_with_spread(v['final_val_loss'], v['final_val_loss_std'], r['seeds'])} | "
             f"{v['final_val_loss'] - base['final_val_loss']:+.4f} | {v['tokens_per_s']:,.0f} | "
             f"{v['tokens_per_s'] / base['tokens_per_s']:.2f}× |")
     return "\n".join(lines)

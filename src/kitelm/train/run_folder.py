@@ -38,8 +38,11 @@ class RunLock:
         os.ftruncate(self._fd, 0)
         os.pwrite(self._fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
 
+    def __del__(self) -> None:
+        self.release()
+
     def release(self) -> None:
-        if self._fd is not None:
+        if getattr(self, "_fd", None) is not None:
             os.ftruncate(self._fd, 0)
             os.close(self._fd)  # closing the descriptor releases the flock
             self._fd = None

@@ -25,7 +25,8 @@ from ..checkpoint import (checkpoint_dir, latest_checkpoint, load_train_state, r
 from ..config import ModelConfig
 from ..data.corpus import load_corpus
 from ..data.dataset import WindowSampler, build_tokenizer, prepare_tokens, validation_windows
-from ..data.tasks import TaskSampler, TaskTokenizer, get_task, validation_set
+from ..data.tasks import TaskSampler, get_task, validation_set
+from ..data.tokenizer import TaskTokenizer
 from ..errors import CheckpointError, ConfigError, KitelmError
 from ..evaluation import evaluate, lm_loss
 from ..models import build_model
@@ -71,8 +72,9 @@ def plot_losses(rows: list[dict], path: Path, title: str) -> None:
 class Trainer:
     """Trains `model_config` under `train_config`. `log(msg)` receives progress lines; `progress=True` shows a bar.
 
-    The run folder is locked for the trainer's life (`release()` or the process end frees it); a folder that holds
-    another run is refused unless `resume` continues it or `overwrite=True` replaces it.
+    The run folder is locked from construction until `train()` returns (a later `train()` takes the lock again;
+    `release()` frees it early); a folder that holds another run is refused unless `resume` continues it or
+    `overwrite=True` replaces it.
     """
 
     def __init__(self, model_config: ModelConfig, train_config: TrainConfig, resume: str | None = None,
@@ -268,6 +270,8 @@ class Trainer:
         """Train to step `until` (default: the configured `steps`; the schedule always spans `steps`)."""
         tc = self.tc
         until = tc.steps if until is None else min(until, tc.steps)
+        if self.dist.is_main and self.lock is None:
+            self.lock = RunLock(self.out)
         if self.dist.is_main:
             (self.out / "run.json").write_text(json.dumps(self.run_metadata(), indent=2) + "\n")
         self.model.train()
@@ -304,6 +308,7 @@ class Trainer:
             if self.metrics and self.dist.is_main:
                 _write_metrics(self.metrics_path, self.metrics)
                 plot_losses(self.metrics, self.out / "loss.png", f"{self.model_config.name} on {self.data_name}")
+            self.release()
         last = [r for r in self.metrics if "val_loss" in r]
         return {"step": self.step, "val_loss": last[-1]["val_loss"] if last else None,
                 "checkpoint": str(latest_checkpoint(self.out)), "elapsed_s": round(time.perf_counter() - t_start, 1)}

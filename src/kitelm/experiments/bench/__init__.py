@@ -16,11 +16,12 @@ import torch
 from ...errors import KitelmError
 from .. import machine
 from ..settings import BenchSettings
-from . import memory, params, report, sample, scan, serve, train
+from . import decode, memory, params, report, sample, scan, serve, train
 
 # name → module with `NOTE` (what is measured, for results.md), `run(settings, machine, log) -> rows` and optionally
 # `plot(rows, settings, out)`. A new experiment is one more module here and its sizes in `BenchSettings`.
-EXPERIMENTS = {"scan": scan, "train": train, "sample": sample, "memory": memory, "params": params, "serve": serve}
+EXPERIMENTS = {"scan": scan, "train": train, "sample": sample, "memory": memory, "params": params, "decode": decode,
+               "serve": serve}
 
 
 def run_bench(names: list[str], out: str | Path, settings: BenchSettings,

@@ -37,9 +37,9 @@ __all__ = ["EXPERIMENTS", "publish", "run_reproduce", "write_report"]
 
 
 def run_reproduce(out_dir: str | Path = "runs/reproduce", budget_minutes: float = REFERENCE_MINUTES,
-                  scale: ReproduceScale | None = None, log: Callable[[str], None] = print) -> Path:
+                  scale: ReproduceScale | None = None, log: Callable[[str], None] = print, dtype: str = "auto") -> Path:
     """Run every experiment not finished yet in `out_dir`, then write `REPORT.md`; returns its path. `scale`
-    replaces the budget's plan (tests use tiny presets and steps)."""
+    replaces the budget's plan (tests use tiny presets and steps); `dtype` is the plan's compute dtype."""
     from tqdm import tqdm
 
     if budget_minutes <= 0:
@@ -47,7 +47,7 @@ def run_reproduce(out_dir: str | Path = "runs/reproduce", budget_minutes: float 
     out = Path(out_dir)
     todo = [n for n in EXPERIMENTS if not (out / n / "result.json").exists()]
     if todo and scale is None:
-        scale = plan(budget_minutes)
+        scale = plan(budget_minutes, dtype=dtype)
     info = machine.describe()
     with tqdm(total=len(EXPERIMENTS), unit="experiment", dynamic_ncols=True) as bar:
         for name, (experiment, claims) in EXPERIMENTS.items():

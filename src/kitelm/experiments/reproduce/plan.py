@@ -12,6 +12,7 @@ import torch
 from ...data.tasks import get_task
 from ...errors import KitelmError
 from ...models import build_model
+from ...precision import resolve_dtype
 from ...presets import get_preset
 from ..bench.train import training_step
 from ..machine import median_seconds
@@ -49,17 +50,19 @@ def estimate_seconds(scale: ReproduceScale, flops_per_s: float) -> float:
     return EVAL_OVERHEAD * train + timed + decode + prefill + rss
 
 
-def measure_training_flops() -> float:
-    """FLOP/s of `transformer-small` AdamW steps (batch 4 × 128) on this machine, with kitelm's FLOP count."""
+def measure_training_flops(dtype: torch.dtype = torch.float32) -> float:
+    """FLOP/s of `transformer-small` AdamW steps (batch 4 × 128) in `dtype` on this machine, with kitelm's FLOP
+    count."""
     model = build_model(get_preset("transformer-small")).train()
     batch = torch.randint(0, model.config.vocab_size, (4, 129))
-    seconds = median_seconds(training_step(model, batch), repeats=3, warmup=1)
+    seconds = median_seconds(training_step(model, batch, dtype=dtype), repeats=3, warmup=1)
     return 4 * 128 * model.flops_per_token(128) / seconds
 
 
-def plan(budget_minutes: float, flops_per_s: float | None = None) -> ReproduceScale:
-    """The largest scale whose estimate fits the budget: steps = DEFAULT_STEPS · f with the estimate affine in f."""
-    flops_per_s = flops_per_s or measure_training_flops()
+def plan(budget_minutes: float, flops_per_s: float | None = None, dtype: str = "auto") -> ReproduceScale:
+    """The largest scale whose estimate fits the budget: steps = DEFAULT_STEPS · f with the estimate affine in f;
+    every run computes in `dtype` (timed in it)."""
+    flops_per_s = flops_per_s or measure_training_flops(resolve_dtype(dtype))
     fixed = estimate_seconds(ReproduceScale(steps=0, task_steps=0), flops_per_s)
     per_f = estimate_seconds(ReproduceScale(), flops_per_s) - fixed  # seconds of DEFAULT_STEPS steps in every run
     f = (60 * budget_minutes - fixed) / per_f
@@ -69,4 +72,4 @@ def plan(budget_minutes: float, flops_per_s: float | None = None) -> ReproduceSc
                           f"training steps per model) needs about {math.ceil(need)} minutes on this machine; "
                           f"give --budget-minutes {math.ceil(need)} or more")
     steps = int(DEFAULT_STEPS * f)
-    return ReproduceScale(steps=steps, task_steps=steps)
+    return ReproduceScale(steps=steps, task_steps=steps, dtype=dtype)

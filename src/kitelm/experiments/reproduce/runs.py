@@ -59,7 +59,7 @@ def exp_extrapolation(scale: ReproduceScale, out: Path, log) -> dict:
     runs = {}
     for label, preset in scale.lm_models:
         log(f"extrapolation: training {label} ({preset}), {scale.steps} steps at context {scale.seq_len}")
-        Trainer(get_preset(preset), recipe.train_config(out / preset, seed=0)).train()
+        Trainer(get_preset(preset), recipe.train_config(out / preset, seed=0), overwrite=True).train()
         runs[label] = evaluate_checkpoint(out / preset, out=out / preset / "eval", extrapolate=4,
                                           max_tokens=8 * scale.batch_size * scale.seq_len,
                                           max_windows=scale.eval_windows)
@@ -75,7 +75,8 @@ def exp_tasks(scale: ReproduceScale, out: Path, log) -> dict:
         for label, preset in scale.task_models:
             log(f"tasks: training {label} ({preset}) on {task}, {scale.task_steps} steps")
             folder = out / task / preset
-            trainer = Trainer(get_preset(preset), replace(recipe.train_config(folder, seed=0), task=task))
+            trainer = Trainer(get_preset(preset), replace(recipe.train_config(folder, seed=0), task=task),
+                              overwrite=True)  # an interrupted experiment's runs start again
             trainer.train()
             r = evaluate_checkpoint(folder, out=folder / "eval")
             curve = [(m["step"], m["val_loss"]) for m in trainer.metrics if "val_loss" in m]
