@@ -207,9 +207,20 @@ def test_bad_inputs_get_openai_errors_and_the_server_stays_up(server):
         assert r.status_code == status, (path, body, r.text)
         err = r.json()["error"]
         assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    streamed: list[str] = []
+
+    def stream():  # a well-formed stream running through the flood
+        chunks = server.client.completions.create(model=server.name, prompt="steady", max_tokens=100, temperature=0,
+                                                  stream=True)
+        streamed.append("".join(c.choices[0].text for c in chunks if c.choices))
+
+    streamer = threading.Thread(target=stream)
+    streamer.start()
     with httpx.Client(base_url=server.base_url, headers={"content-type": "application/json"}) as flood:
         for i in range(1000):  # a flood of malformed requests on one connection
             assert flood.post("/chat/completions", content=b"{" * (i % 7 + 1)).status_code == 400
+    streamer.join(timeout=120)
+    assert streamed == [solo(server.lm, "steady", 100)]
     assert _post(server, "/completions", b'{"prompt": "' + b"a" * (5 << 20) + b'"}').status_code == 413
     r = server.client.chat.completions.create(model=server.name, messages=ok_chat["messages"], max_tokens=2)
     assert r.choices[0].finish_reason == "length"
