@@ -200,6 +200,8 @@ def test_bad_inputs_get_openai_errors_and_the_server_stays_up(server):
         ("/chat/completions", {"messages": "hi"}, 400),
         ("/chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]}, 400),
         ("/chat/completions", {**ok_chat, "n": 0}, 400),
+        ("/chat/completions", {**ok_chat, "frequency_penalty": 0.5}, 400),  # not implemented: refused, not ignored
+        ("/chat/completions", {**ok_chat, "tools": [{"type": "function"}]}, 400),
         ("/nowhere", {}, 404),
     ]
     for path, body, status in cases:

@@ -83,6 +83,31 @@ class _Sampling(BaseModel):
     stream: StrictBool = False
     stream_options: dict[str, Any] | None = None
     ignore_eos: StrictBool = False  # vLLM's extension: run to max_tokens (benchmarks)
+    # OpenAI fields this server does not implement: refused when set to anything but their neutral value
+    presence_penalty: Number | None = None
+    frequency_penalty: Number | None = None
+    logit_bias: dict[str, Any] | None = None
+    tools: list[Any] | None = None
+    functions: list[Any] | None = None
+    response_format: dict[str, Any] | None = None
+    best_of: StrictInt | None = None
+    suffix: StrictStr | None = None
+
+    def unsupported(self) -> str | None:
+        """The first field set to a value this server cannot honour, if any."""
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name) not in (None, 0):
+                return name
+        if self.logit_bias:
+            return "logit_bias"
+        for name in ("tools", "functions", "suffix"):
+            if getattr(self, name):
+                return name
+        if self.response_format and self.response_format.get("type", "text") != "text":
+            return "response_format"
+        if self.best_of not in (None, 1):
+            return "best_of"
+        return None
 
 
 class CompletionRequest(_Sampling):
@@ -181,7 +206,12 @@ def create_app(engine: Engine, template: ChatTemplate, settings: ServerSettings)
             request._body = body
         return await call_next(request)
 
-    def check_model(name: str | None) -> None:
+    def check_request(body: _Sampling) -> None:
+        field = body.unsupported()
+        if field is not None:
+            raise APIError(400, f"{field} is not supported by this server; leave it out", param=field,
+                           code="unsupported_parameter")
+        name = body.model
         if name is not None and name != settings.model_name:
             raise APIError(404, f"The model '{name}' does not exist; this server serves "
                                 f"'{settings.model_name}' (see GET /v1/models).", param="model",
@@ -294,7 +324,7 @@ def create_app(engine: Engine, template: ChatTemplate, settings: ServerSettings)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: HTTPRequest):
-        check_model(body.model)
+        check_request(body)
         prompts = body.prompt
         if isinstance(prompts, str):
             prompts = [prompts]
@@ -344,7 +374,7 @@ def create_app(engine: Engine, template: ChatTemplate, settings: ServerSettings)
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest, request: HTTPRequest):
-        check_model(body.model)
+        check_request(body)
         messages = []
         for i, m in enumerate(body.messages):
             if m.role not in ROLES:
