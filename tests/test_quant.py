@@ -320,3 +320,19 @@ def test_truncated_hf_shard_is_one_line_and_writes_nothing(hf_folder, tmp_path, 
     out = tmp_path / "out"
     assert "truncated" in _one_line_error(capsys, ["quantize", str(broken), "--weights", "int4", "--out", str(out)])
     assert not out.exists() and not list(tmp_path.glob(".tmp-*"))
+
+
+@pytest.mark.parametrize("weights", ["fp32", "bf16", "int8", "int4"])
+def test_decode_bench_builds_block_by_block_what_quantize_builds(weights):
+    """The benchmark's streamed random model has exactly the structure and dtypes of a quantized checkpoint's model
+    (and it runs); its timings are not checked: benchmarks are not tests."""
+    from kitelm.experiments.bench.decode import measure, random_model
+
+    model = random_model("griffin-tiny", weights)
+    reference = build_model(get_preset("griffin-tiny"))
+    if weights != "fp32":
+        reference = quantize_model(reference, QuantSpec(weights))
+    got, want = model.state_dict(), reference.state_dict()
+    assert {k: (v.shape, v.dtype) for k, v in got.items()} == {k: (v.shape, v.dtype) for k, v in want.items()}
+    row = measure("griffin-tiny", weights, -1, True, prompt_lens=[16], batches=[1, 3], steps=3)
+    assert {"ms_per_token", "floor_ms", "prefill16_tok_s", "batch3_tok_s", "peak_rss_GB"} <= set(row)

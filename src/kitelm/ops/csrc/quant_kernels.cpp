@@ -38,12 +38,11 @@ inline float bf16_to_float(uint16_t b) {
   return f;
 }
 
-inline uint16_t float_to_bf16(float f) {  // round to nearest even, as c10::BFloat16 (NaN kept quiet)
+inline uint16_t float_to_bf16(float f) {  // round to nearest even, as c10::BFloat16 (NaN kept quiet); branch-free
   uint32_t u;
   std::memcpy(&u, &f, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return static_cast<uint16_t>(u >> 16);
+  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  return static_cast<uint16_t>((u & 0x7fffffffu) > 0x7f800000u ? ((u >> 16) | 0x40u) : rounded);
 }
 
 enum class Fmt { bf16, int8, int4 };
@@ -396,7 +395,9 @@ torch::Tensor run(Fmt fmt, const torch::Tensor& x_in, const torch::Tensor& w_in,
             bias.has_value() ? bias->data_ptr<float>() : nullptr, y.data_ptr<float>()};
   const RowsFn fn = pick(effective, rows);
   const int64_t row_bytes = fmt == Fmt::int4 ? in / 2 : (fmt == Fmt::int8 ? in : 2 * in);
-  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(row_bytes, 1));  // ≈ 64 KiB of weights per task
+  // ≥ 1 MiB of weights per task: small layers stay on the calling thread, which (unlike a worker that another
+  // process may have descheduled) is running for sure; a shared 2-core VM otherwise stalls a step per parallel call
+  const int64_t grain = std::max<int64_t>(1, (1 << 20) / std::max<int64_t>(row_bytes, 1));
   at::parallel_for(0, out, grain, [&](int64_t begin, int64_t end) { fn(p, begin, end); });
   return y;
 }
@@ -415,6 +416,45 @@ torch::Tensor gemv_int4(const torch::Tensor& x, const torch::Tensor& q, const to
                         const c10::optional<torch::Tensor>& bias, int64_t group, int64_t isa) {
   return run(Fmt::int4, x, q, scales, bias, group, isa);
 }
+
+// Rows [begin, end) of Ŵ into wf (float32) or wb (bf16 bits); `row` is a scratch buffer of `in` floats. One source,
+// compiled three times (portable, AVX2, AVX-512 target attributes) and auto-vectorized by the compiler.
+#define KITELM_DEFINE_DEQUANT(NAME, ATTR)                                                                      \
+  ATTR void NAME(const Problem& p, bool int4, float* wf, uint16_t* wb, float* row, int64_t begin, int64_t end) { \
+    const int64_t in = p.in, ngroups = p.ngroups, group = p.group;                                              \
+    for (int64_t o = begin; o < end; ++o) {                                                                      \
+      if (int4) {                                                                                                \
+        const uint8_t* src = static_cast<const uint8_t*>(p.w) + o * (in / 2);                                   \
+        for (int64_t b = 0; b < in; b += 32) {                                                                   \
+          const float s = bf16_to_float(p.scales[o * ngroups + b / group]);                                     \
+          for (int j = 0; j < 16; ++j) {                                                                         \
+            row[b + j] = static_cast<float>((src[b / 2 + j] & 0xf) - 8) * s;                                    \
+            row[b + 16 + j] = static_cast<float>((src[b / 2 + j] >> 4) - 8) * s;                                \
+          }                                                                                                      \
+        }                                                                                                        \
+      } else {                                                                                                   \
+        const int8_t* src = static_cast<const int8_t*>(p.w) + o * in;                                           \
+        for (int64_t g = 0; g < ngroups; ++g) {                                                                  \
+          const float s = bf16_to_float(p.scales[o * ngroups + g]);                                             \
+          for (int64_t j = g * group; j < (g + 1) * group; ++j) row[j] = static_cast<float>(src[j]) * s;        \
+        }                                                                                                        \
+      }                                                                                                          \
+      if (wb) {                                                                                                  \
+        for (int64_t j = 0; j < in; ++j) wb[o * in + j] = float_to_bf16(row[j]);                               \
+      } else {                                                                                                   \
+        for (int64_t j = 0; j < in; ++j) wf[o * in + j] = row[j];                                              \
+      }                                                                                                          \
+    }                                                                                                            \
+  }
+
+namespace {
+using DequantFn = void (*)(const Problem&, bool, float*, uint16_t*, float*, int64_t, int64_t);
+KITELM_DEFINE_DEQUANT(dequant_portable, )
+#if KITELM_X86
+KITELM_DEFINE_DEQUANT(dequant_avx2, KITELM_AVX2)
+KITELM_DEFINE_DEQUANT(dequant_avx512, KITELM_AVX512)
+#endif
+}  // namespace
 
 // Ŵ [out, in] in `dtype` (float32 or bfloat16, rounded to nearest even) from int8/int4 storage: the tiles that the
 // GEMM path (more than 8 rows) multiplies with. Rows are split across threads; each element is computed exactly as
@@ -436,31 +476,14 @@ torch::Tensor dequantize(const torch::Tensor& q_in, const torch::Tensor& scales_
   const bool bf16 = dtype == torch::kBFloat16;
   float* wf = bf16 ? nullptr : w.data_ptr<float>();
   uint16_t* wb = bf16 ? reinterpret_cast<uint16_t*>(w.data_ptr()) : nullptr;
+  DequantFn fn = dequant_portable;
+#if KITELM_X86
+  if (cpu_has_avx512()) fn = dequant_avx512;
+  else if (cpu_has_avx2()) fn = dequant_avx2;
+#endif
   at::parallel_for(0, out, std::max<int64_t>(1, 65536 / in), [&](int64_t begin, int64_t end) {
     std::vector<float> row(in);
-    for (int64_t o = begin; o < end; ++o) {
-      if (int4) {
-        const uint8_t* src = static_cast<const uint8_t*>(p.w) + o * (in / 2);
-        for (int64_t b = 0; b < in; b += 32) {
-          const float s = bf16_to_float(p.scales[o * ngroups + b / group]);
-          for (int j = 0; j < 16; ++j) {
-            row[b + j] = static_cast<float>((src[b / 2 + j] & 0xf) - 8) * s;
-            row[b + 16 + j] = static_cast<float>((src[b / 2 + j] >> 4) - 8) * s;
-          }
-        }
-      } else {
-        const int8_t* src = static_cast<const int8_t*>(p.w) + o * in;
-        for (int64_t g = 0; g < ngroups; ++g) {
-          const float s = bf16_to_float(p.scales[o * ngroups + g]);
-          for (int64_t j = g * group; j < (g + 1) * group; ++j) row[j] = static_cast<float>(src[j]) * s;
-        }
-      }
-      if (bf16) {
-        for (int64_t j = 0; j < in; ++j) wb[o * in + j] = float_to_bf16(row[j]);
-      } else {
-        std::copy(row.begin(), row.end(), wf + o * in);
-      }
-    }
+    fn(p, int4, wf, wb, row.data(), begin, end);
   });
   return w;
 }

@@ -1,0 +1,168 @@
+"""Real-size decoding per weight format (`kitelm bench decode --model recurrentgemma-2b --weights int8`): random
+weights, nothing downloaded. One fresh process per format (peak RSS only grows within a process) builds the model
+block by block (a block in fp32 at a time, then quantized: a 9B model never exists in fp32) and measures
+
+* batch-1 decode ms/token after a 64-token prompt, beside the byte floor: stored weight bytes ÷ the read bandwidth
+  measured in the same process (`torch.sum` over 1 GiB, far beyond the 480 MiB L3 of the Sapphire-Rapids VM);
+* prefill tokens/s per prompt length, beside the GEMM bound (forward FLOPs/token ÷ the measured peak of the dtype
+  the tiled path uses: bf16 where native, else fp32);
+* batched decode tokens/s at each batch size; peak RSS.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import torch
+from torch import nn
+
+from ...models import build_model
+from ...presets import get_preset
+from ...quant import QuantSpec, QuantizedEmbedding, quantize_model
+from ..machine import ALLOCATOR_ENV, peak_rss_bytes
+
+NOTE = ("Random-weight model per format in its own process (fp32 = the unquantized model; bf16/int8/int4 = "
+        "`kitelm quantize` storage: Linear layers and the tied embedding, RG-LRU and norms fp32). ms/token: batch-1 "
+        "greedy decode after a 64-token prompt, fastest of the timed steps (median beside it). Floor: stored weight "
+        "bytes ÷ read bandwidth measured in the same process. Prefill: tokens/s of one pass into the cache vs the "
+        "GEMM bound (2·N FLOPs/token ÷ measured peak of the compute dtype). Batched: decode tokens/s at B rows.")
+WEIGHTS = ("fp32", "bf16", "int8", "int4")
+
+
+def random_model(preset: str, weights: str, group_size: int = -1, embedding: bool = True, seed: int = 0):
+    """A model of `preset` with random weights stored as `weights` ('fp32' = unquantized). Griffin models are built
+    one block at a time (peak ≈ the stored model + one fp32 block + the fp32 embedding); others in one piece."""
+    torch.manual_seed(seed)
+    config = get_preset(preset)
+    spec = None if weights == "fp32" else QuantSpec(weights, group_size, embedding)
+    if config.arch != "griffin":
+        model = build_model(config)
+        return (model if spec is None else quantize_model(model, spec)).eval()
+    from ...layers.norms import RMSNorm
+    from ...models.griffin import ResidualBlock
+
+    model = build_model(config, device="meta")
+    for i, kind in enumerate(model.block_kinds(config)):
+        block = ResidualBlock(config, kind)
+        model.blocks[i] = block if spec is None else quantize_model(block, spec)
+    model.norm = RMSNorm(config.width, config.norm_eps, unit_offset=True)
+    embed = nn.Embedding(config.vocab_size, config.width)
+    nn.init.normal_(embed.weight, std=config.width ** -0.5)
+    model.embed = QuantizedEmbedding.from_embedding(embed, spec) if spec is not None and spec.embedding else embed
+    del embed
+    if model.head is not None:  # untied output matrix
+        from ...layers.linear import Linear
+
+        head = Linear(config.width, config.vocab_size, bias=False)
+        nn.init.normal_(head.weight, std=config.width ** -0.5)
+        model.head = head if spec is None else quantize_model(nn.Sequential(head), spec)[0]
+    return model.eval()
+
+
+def stored_bytes(model: nn.Module) -> int:
+    """Bytes of every parameter and persistent buffer: what a batch-1 step reads (the tied head reads the whole
+    embedding matrix; the embedding lookup's one row is noise)."""
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
+
+
+def read_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> float:
+    x = torch.ones(nbytes // 4)
+    x.sum()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - start)
+    return nbytes / best
+
+
+def _decode_times(model, batch: int, prompt: int, steps: int) -> list[float]:
+    vocab = model.config.vocab_size
+    cache = model.new_cache(batch, max_len=prompt + steps + 2)
+    ids = torch.randint(0, vocab, (batch, prompt))
+    logits = model(ids, cache=cache)
+    nxt = logits[:, -1].argmax(-1, keepdim=True)
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        logits = model(nxt, cache=cache)
+        nxt = logits[:, -1].argmax(-1, keepdim=True)
+        times.append(time.perf_counter() - start)
+    return times[1:]  # the first step after prefill pays page faults of fresh buffers
+
+
+def measure(preset: str, weights: str, group_size: int, embedding: bool, prompt_lens: list[int],
+            batches: list[int], steps: int) -> dict:
+    """Everything for one format, in this process (call it in a fresh one for a meaningful peak RSS)."""
+    from ...precision import native_bf16
+
+    start = time.perf_counter()
+    model = random_model(preset, weights, group_size, embedding)
+    built = time.perf_counter() - start
+    nbytes = stored_bytes(model)
+    row: dict = {"model": preset, "weights": weights, "build_s": round(built, 1), "stored_GB": round(nbytes / 1e9, 3)}
+    with torch.inference_mode():
+        bw = max(read_bandwidth(), 1.0)
+        times = _decode_times(model, 1, 64, steps)
+        bw = max(bw, read_bandwidth())  # before and after: the VM's bandwidth drifts
+        best, median = min(times), sorted(times)[len(times) // 2]
+        floor = nbytes / bw
+        row.update(read_GBps=round(bw / 1e9, 1), ms_per_token=round(1e3 * best, 1),
+                   ms_per_token_median=round(1e3 * median, 1), floor_ms=round(1e3 * floor, 1),
+                   of_floor=round(floor / best, 2), tok_per_s=round(1 / best, 2))
+        config = model.config
+        flops_per_token = 2 * _param_count(config)  # forward: every weight once per token (the tied head included)
+        dtype = torch.bfloat16 if weights != "fp32" and native_bf16() else torch.float32
+        from ..machine import gemm_peak_flops
+
+        peak = gemm_peak_flops(2048, dtype, repeats=5, warmup=1)
+        row["gemm_peak_GFLOPs"] = round(peak / 1e9)
+        row["prefill_dtype"] = str(dtype).removeprefix("torch.")
+        for length in prompt_lens:
+            cache = model.new_cache(1, max_len=length + 1)
+            ids = torch.randint(0, config.vocab_size, (1, length))
+            t0 = time.perf_counter()
+            model(ids, cache=cache)
+            dt = time.perf_counter() - t0
+            bound = peak / flops_per_token
+            row[f"prefill{length}_tok_s"] = round(length / dt, 1)
+            row[f"prefill{length}_of_bound"] = round(length / dt / bound, 2)
+        for b in batches:
+            t = _decode_times(model, b, 8, max(3, steps // 2))
+            row[f"batch{b}_tok_s"] = round(b / min(t), 1)
+    row["peak_rss_GB"] = round(peak_rss_bytes() / 1e9, 2)
+    return row
+
+
+def _param_count(config) -> int:
+    return sum(t.numel() for t in build_model(config, device="meta").state_dict().values())
+
+
+def _child(preset: str, weights: str, settings) -> dict:
+    args = dict(preset=preset, weights=weights, group_size=settings.decode_group_size,
+                embedding=settings.decode_embedding, prompt_lens=settings.decode_prompt_lens,
+                batches=settings.decode_batches, steps=settings.decode_steps)
+    code = ("import json; from kitelm.experiments.bench.decode import measure; "
+            f"print('RESULT ' + json.dumps(measure(**{args!r})))")
+    env = {**os.environ, **ALLOCATOR_ENV}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    for line in done.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[7:])
+    tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+    return {"model": preset, "weights": weights, "error": tail[:300]}
+
+
+def run(settings, machine: dict, log) -> list[dict]:
+    rows = []
+    for preset in settings.decode_models:
+        for weights in settings.decode_weights:
+            log(f"decode: {preset} {weights} ...")
+            row = _child(preset, weights, settings)
+            log("  " + ", ".join(f"{k} {v}" for k, v in row.items() if k not in ("model", "weights")))
+            rows.append(row)
+    return rows
