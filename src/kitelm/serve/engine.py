@@ -176,11 +176,19 @@ class Engine:
         return self
 
     def stop(self) -> None:
+        """Stop the loop; requests still waiting or running get an error event (nobody waits forever)."""
         self._stopping = True
         self._inbox.put(None)
         if self._thread is not None:
             self._thread.join(timeout=30)
+            if self._thread.is_alive():  # still inside a long step; it exits after it, its requests unanswered
+                return
             self._thread = None
+        self._take_new(block=False)
+        for req in self.waiting:
+            self._emit(req, Event("error", message="the server is shutting down"))
+        self.waiting.clear()
+        self._fail_all("the server is shutting down")
 
     def reservation(self, prompt_len: int, max_tokens: int) -> int:
         """Bytes one sequence is charged at admission."""
@@ -198,6 +206,8 @@ class Engine:
                                  f"budget is {self.max_memory} bytes; reduce the prompt, max_tokens or n")
 
     def submit(self, req: Request) -> Request:
+        if self._stopping:
+            raise KitelmError("the engine has stopped")
         if not req.prompt_ids:
             raise KitelmError("the prompt is empty; give at least one token")
         if req.n < 1:
