@@ -349,7 +349,14 @@ def create_app(engine: Engine, template: ChatTemplate, settings: ServerSettings)
         score = body.echo and body.logprobs is not None
         params = params_of(body, max_tokens, () if body.ignore_eos else {tokenizer.eos_id}, body.logprobs,
                            prompt_logprobs=score)
-        jobs = [submit(ids, params, body.n) for ids in encoded]
+        jobs = []
+        try:
+            for ids in encoded:
+                jobs.append(submit(ids, params, body.n))
+        except APIError:
+            for req, _ in jobs:  # all prompts run or none: the ones already queued are withdrawn
+                req.abort()
+            raise
         rid, created = f"cmpl-{secrets.token_hex(12)}", int(time.time())
         if body.stream:
             return _sse(_stream_completion(jobs, rid, created, settings.model_name, body, token_str))
