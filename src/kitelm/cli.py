@@ -391,7 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_study)
 
     p = sub.add_parser("bench", help="measure speed and memory side by side with the installed peers")
-    p.add_argument("experiments", nargs="*", help="scan, train, sample, memory, params, decode, serve
+    p.add_argument("experiments", nargs="*", help="scan, train, sample, memory, params, decode, serve "
                    "(default: all)")
     p.add_argument("--quick", action="store_true", help="small sizes: about two minutes in all")
     p.add_argument("--out", default="benchmarks/results/latest", help="results folder")
