@@ -23,6 +23,7 @@ def test_train_reports_bits_per_byte_beside_compressors(corpus_dir, tmp_path, ca
     assert main(["train", "--data", str(corpus_dir), "--out", str(tmp_path), *TINY]) == 0
     out = capsys.readouterr().out
     assert "bits/byte | gzip -9" in out and "xz -9" in out and "sample" in out
+    assert "xz -9 given the training split" in out and "validation, whole split," in out  # 512 tokens of more
     assert (tmp_path / "metrics.jsonl").exists() and (tmp_path / "loss.png").exists()
 
 

@@ -105,7 +105,7 @@ def cmd_train(args) -> int:
 
 def _train_and_report(trainer, args) -> int:
     from .api import LM
-    from .evaluation import evaluate_bits_per_byte
+    from .evaluation import XZ_GIVEN, evaluate_bits_per_byte
     from .precision import dtype_name
 
     tc, m, say = trainer.tc, trainer.model, trainer.log  # `say` prints on rank 0 only
@@ -120,10 +120,16 @@ def _train_and_report(trainer, args) -> int:
         say(f"\n{tc.task}: validation loss {result['val_loss']:.4f} nats/answer token, exact-match accuracy "
             f"{100 * accuracy:.1f}% ({len(trainer.val_windows)} samples)\ncheckpoint: {result['checkpoint']}")
         return 0
+    train_text = trainer.corpus.text("train").encode("utf-8", "replace")  # xz -9 given it: the compressor's best
     report = evaluate_bits_per_byte(trainer.wrapped, trainer.data.validation, trainer.tokenizer, tc.seq_len,
-                                    args.final_eval_tokens, tc.batch_size, trainer.compute_dtype)
-    say(f"\nvalidation ({report['bytes']:,} bytes): loss {report['loss']:.4f} nats/token, "
-        f"{report['bits_per_byte']:.3f} bits/byte | gzip -9 {report['gzip -9']:.3f} | xz -9 {report['xz -9']:.3f}")
+                                    args.final_eval_tokens, tc.batch_size, trainer.compute_dtype, context=train_text,
+                                    whole_split=True)
+    say("")
+    for label, r in (("first", report), ("whole split,", report["whole"])):
+        if label == "first" or r["bytes"] > report["bytes"]:
+            say(f"validation, {label} {r['bytes']:,} bytes: loss {r['loss']:.4f} nats/token, {r['bits_per_byte']:.3f} "
+                f"bits/byte | gzip -9 {r['gzip -9']:.3f} | xz -9 {r['xz -9']:.3f} | xz -9 given the training split "
+                f"{r[XZ_GIVEN]:.3f}")
     say(f"checkpoint: {result['checkpoint']}  ({result['elapsed_s']:.0f} s training)")
     if not args.no_sample and trainer.dist.mode is None:
         lm = LM(m, trainer.tokenizer)
