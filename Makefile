@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 
 demo: setup
-	$(VENV)/bin/kitelm train
+	$(VENV)/bin/kitelm train --overwrite
 
 test: setup
 	$(PY) -m pytest -q

@@ -10,12 +10,14 @@ import dataclasses
 import math
 import sys
 import warnings
+from dataclasses import replace
 
 from .errors import KitelmError
 from .precision import DTYPES
 from .resources import writable_folder
 
 DEFAULT_MODEL = "transformer-mini"
+LONG_PROMPT = 8192  # tokens; `generate` announces the prefill of a longer prompt
 DTYPE_HELP = ("compute dtype: auto (default) = bfloat16 where the CPU has native bf16 (AVX512-BF16 / AMX) or the GPU "
               "supports it, float32 elsewhere")
 
@@ -146,8 +148,9 @@ def cmd_generate(args) -> int:
     prompts = args.prompt
     kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=0.0 if args.greedy else args.temperature,
                   top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-    for prompt in prompts:  # reject prompts the tokenizer cannot encode before printing anything
-        lm.encode(prompt)
+    longest = max(len(lm.encode(p)) for p in prompts)  # rejects unencodable prompts before printing anything
+    if longest > LONG_PROMPT:  # the library is silent; say why the first token takes a while
+        print(f"kitelm: prefilling {longest:,} prompt tokens ...", file=sys.stderr, flush=True)
     if len(prompts) == 1:  # stream a single prompt token by token
         sys.stdout.write(prompts[0])
         for pieces in lm.stream(prompts[0], **kwargs):
@@ -270,13 +273,12 @@ def cmd_quantize(args) -> int:
 
 
 def cmd_study(args) -> int:
-    from dataclasses import replace
-
     from .experiments.settings import StudyRecipe
     from .experiments.study import results_table, run_block_study
 
     recipe = StudyRecipe.quick() if args.quick else StudyRecipe()
-    recipe = replace(recipe, **{k: getattr(args, k) for k in ("steps", "seeds") if getattr(args, k) is not None})
+    recipe = replace(recipe, dtype=args.dtype,
+                     **{k: getattr(args, k) for k in ("steps", "seeds") if getattr(args, k) is not None})
     writable_folder(args.out)
     results = run_block_study(args.out, recipe, log=print)
     print(results_table(results))
@@ -300,7 +302,7 @@ def cmd_bench(args) -> int:
 
     writable_folder(args.out)
     _reexec_with_allocator_env(args)
-    settings = BenchSettings.quick() if args.quick else BenchSettings()
+    settings = replace(BenchSettings.quick() if args.quick else BenchSettings(), dtype=args.dtype)
     if args.model:  # the decode experiment's models and weight formats
         settings = dataclasses.replace(settings, decode_models=args.model)
     if args.weights:
@@ -319,7 +321,7 @@ def cmd_reproduce(args) -> int:
         return 0
     writable_folder(args.out)
     _reexec_with_allocator_env(args)
-    report = run_reproduce(args.out, args.budget_minutes)
+    report = run_reproduce(args.out, args.budget_minutes, dtype=args.dtype)
     print(f"report: {report}")
     return 0
 
@@ -394,12 +396,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, help="seeds per variant (default 3; 1 with --quick)")
     p.add_argument("--out", default="runs/study-blocks", help="output folder (default runs/study-blocks)")
     p.add_argument("--quick", action="store_true", help="a ~2-minute smoke run of the whole study")
+    p.add_argument("--dtype", choices=DTYPES, default="auto", help=DTYPE_HELP)
     p.set_defaults(func=cmd_study)
 
     p = sub.add_parser("bench", help="measure speed and memory side by side with the installed peers")
     p.add_argument("experiments", nargs="*", help="scan, train, sample, memory, params, decode, serve "
                    "(default: all)")
     p.add_argument("--quick", action="store_true", help="small sizes: about two minutes in all")
+    p.add_argument("--dtype", choices=DTYPES, default="auto", help=DTYPE_HELP + "; training throughput and MFU use it")
     p.add_argument("--out", default="benchmarks/results/latest", help="results folder")
     p.add_argument("--model", nargs="+", help="decode: presets to measure (default griffin-small), e.g. "
                    "recurrentgemma-2b")
@@ -413,6 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget-minutes", type=_positive(float), default=60.0, help="time to scale the experiments to "
                    "(default 60)")
     p.add_argument("--out", default="runs/reproduce", help="output folder (default runs/reproduce)")
+    p.add_argument("--dtype", choices=DTYPES, default="auto", help=DTYPE_HELP)
     p.add_argument("--publish", metavar="README", help="run nothing: copy the finished --out run (REPORT.md, "
                    "result.json files, PNGs) into benchmarks/results/reproduce/ beside README and regenerate README's "
                    "block between <!-- reproduce:begin --> and <!-- reproduce:end --> (claims table and plots)")

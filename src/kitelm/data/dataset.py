@@ -145,7 +145,7 @@ def validation_windows(tokens: np.ndarray, seq_len: int, max_tokens: int | None 
     n = len(tokens) - 1 if max_tokens is None else min(len(tokens) - 1, max_tokens)
     count = n // seq_len
     if count < 1:
-        raise DataError(f"the validation split holds {len(tokens)} tokens, fewer than one window of "
-                        f"seq_len+1={seq_len + 1}; use more data or a shorter --seq-len")
+        raise DataError(f"the validation split holds {len(tokens)} tokens, fewer than one window of {seq_len + 1} "
+                        "(the context length + 1); use more data (--data), or train with a shorter --seq-len")
     idx = np.arange(count)[:, None] * seq_len + np.arange(seq_len + 1)[None, :]
     return torch.from_numpy(np.asarray(tokens[: count * seq_len + 1])[idx].astype(np.int64))

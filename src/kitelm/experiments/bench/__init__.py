@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 
 from ...errors import KitelmError
+from ...precision import dtype_name, resolve_dtype
 from .. import machine
 from ..settings import BenchSettings
 from . import decode, memory, params, report, sample, scan, serve, train
@@ -32,10 +33,14 @@ def run_bench(names: list[str], out: str | Path, settings: BenchSettings,
     settings.check()
     torch.manual_seed(0)
     info = machine.describe()
-    log(f"machine: {info['cpu']}, {info['threads']} threads, torch {info['torch']}, fp32")
+    info["dtype"] = dtype_name(resolve_dtype(settings.dtype))
+    log(f"machine: {info['cpu']} ({', '.join(info['cpu_flags'])}), {info['threads']} threads, torch {info['torch']}, "
+        f"compute dtype {info['dtype']}")
     if any(getattr(EXPERIMENTS[n], "NEEDS_GEMM_PEAK", False) for n in names):
-        info["gemm_peak_gflops"] = machine.gemm_peak_flops() / 1e9
-        log(f"measured fp32 GEMM peak: {info['gemm_peak_gflops']:.0f} GFLOP/s")
+        info["gemm_peak_gflops"] = {name: flops / 1e9 for name, flops in machine.gemm_peaks().items()}
+        info["dram_gbps"] = machine.dram_bandwidth() / 1e9
+        log("measured GEMM peaks: " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in info["gemm_peak_gflops"].items())
+            + f"; DRAM {info['dram_gbps']:.1f} GB/s (add: 2 reads + 1 write)")
     results: dict[str, list[dict]] = {}
     for name in names:
         start = time.perf_counter()

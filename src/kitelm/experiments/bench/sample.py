@@ -74,6 +74,7 @@ def run(settings, machine: dict, log) -> list[dict]:
         if peer is not None:  # HF's growing caches make very long runs take hours: capped at peer_max_len
             candidates.append((peer[0], peer[1], _arrivals_hf, min(max(lengths), settings.peer_max_len)))
         for impl, model, arrivals, n in candidates:
+            arrivals(model, prompt[:16], 4)  # warm-up: compiles/loads kernels and allocator pools before timing
             start, times = arrivals(model, prompt, n)
             for point in _summarise(start, times, lengths):
                 rows.append({"model": name, "impl": impl, "prompt": prompt_len, **point})
