@@ -118,6 +118,7 @@ def test_continued_conversation_equals_cold_request_with_whole_history(server):
                 {"role": "user", "content": "And the second?"}]
     warm = server.client.chat.completions.create(model=server.name, messages=history, max_tokens=10, temperature=0)
     assert warm.usage.prompt_tokens_details.cached_tokens > first.usage.prompt_tokens  # continued from kept state
+    assert metric(server, "kitelm_state_cache_hits_total") >= 1 and metric(server, "kitelm_state_cache_bytes") > 0
     server.engine.state_cache.clear()
     cold = server.client.chat.completions.create(model=server.name, messages=history, max_tokens=10, temperature=0)
     assert cold.usage.prompt_tokens_details.cached_tokens == 0
