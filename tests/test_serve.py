@@ -46,7 +46,8 @@ def server(request):
     lm = tiny_lm(request.param)
     with ServerThread(lm, ServeOptions(max_seqs=4, prefill_chunk=16)) as s:
         s.lm, s.name = lm, lm.config.name
-        s.client = openai.OpenAI(base_url=s.base_url, api_key="unused", max_retries=0, timeout=60)
+        # 300 s: a first-use build of the C++ kernels (~45 s, more on a loaded machine) may run inside a request
+        s.client = openai.OpenAI(base_url=s.base_url, api_key="unused", max_retries=0, timeout=300)
         yield s
 
 
@@ -139,7 +140,7 @@ def test_concurrent_clients_each_get_their_solo_output(server):
     for t in threads:
         t.start()
     for t in threads:
-        t.join(timeout=60)
+        t.join(timeout=300)
     assert [got.get(i) for i in range(len(prompts))] == expected
 
 
@@ -397,7 +398,7 @@ def test_kitelm_serve_command_serves_a_checkpoint(tmp_path):
         line = proc.stdout.readline()  # the banner, printed once the socket listens
         url = re.search(r"http://127\.0\.0\.1:\d+/v1", line)
         assert url, line
-        client = openai.OpenAI(base_url=url.group(0), api_key="unused", max_retries=0, timeout=60)
+        client = openai.OpenAI(base_url=url.group(0), api_key="unused", max_retries=0, timeout=300)
         deadline = time.monotonic() + 60
         while True:
             try:
