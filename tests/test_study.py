@@ -45,8 +45,11 @@ def test_results_table_reports_parameter_change_loss_gap_and_speed():
          "final_val_loss": 3.0, "final_val_loss_std": 0.01, "tokens_per_s": 1000.0, "runs": runs},
         {"label": "SAS", "preset": "sas-small", "params": 4.2e6, "non_embedding_params": 3.4e6,
          "final_val_loss": 3.02, "final_val_loss_std": 0.02, "tokens_per_s": 1100.0, "runs": runs}]}
+    results["recipe"]["seeds"] = 2
     table = results_table(results)
     assert "| SAS | `sas-small` | 4.20M | 3.40M (-15.0%) | 3.0200 ± 0.0200 | +0.0200 | 1,100 | 1.10× |" in table
+    results["recipe"]["seeds"] = 1  # one seed: the spread is unknown, not zero
+    assert "| 3.0200 | +0.0200 |" in results_table(results) and "±" not in results_table(results)
 
 
 def test_study_rejects_zero_seeds_with_exit_code_2(tmp_path, capsys):

@@ -50,6 +50,20 @@ def median_seconds(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) 
     return time_runs(fn, repeats, warmup)[0]
 
 
+def measured_peaks() -> dict:
+    """GEMM GFLOP/s of every compute dtype and DRAM GB/s, measured now (a few seconds), for a result's machine."""
+    return {"gemm_peak_gflops": {name: flops / 1e9 for name, flops in gemm_peaks().items()},
+            "dram_gbps": dram_bandwidth() / 1e9}
+
+
+def peaks_line(info: dict) -> str:
+    """'GEMM float32 160 GFLOP/s, bfloat16 1000 GFLOP/s; DRAM 40.1 GB/s' (empty if `info` holds no peaks)."""
+    if "gemm_peak_gflops" not in info:
+        return ""
+    gemm = ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in info["gemm_peak_gflops"].items())
+    return f"GEMM {gemm}; DRAM {info['dram_gbps']:.1f} GB/s (add: 2 reads + 1 write)"
+
+
 def gemm_peaks() -> dict[str, float]:
     """Measured GEMM FLOP/s of every compute dtype: the denominators of MFU. bf16 is probed at n = 256 where it is
     not native (~1 GFLOP/s: a 2048³ probe would take minutes), at the full size where it is."""

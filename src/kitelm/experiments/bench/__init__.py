@@ -37,10 +37,8 @@ def run_bench(names: list[str], out: str | Path, settings: BenchSettings,
     log(f"machine: {info['cpu']} ({', '.join(info['cpu_flags'])}), {info['threads']} threads, torch {info['torch']}, "
         f"compute dtype {info['dtype']}")
     if any(getattr(EXPERIMENTS[n], "NEEDS_GEMM_PEAK", False) for n in names):
-        info["gemm_peak_gflops"] = {name: flops / 1e9 for name, flops in machine.gemm_peaks().items()}
-        info["dram_gbps"] = machine.dram_bandwidth() / 1e9
-        log("measured GEMM peaks: " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in info["gemm_peak_gflops"].items())
-            + f"; DRAM {info['dram_gbps']:.1f} GB/s (add: 2 reads + 1 write)")
+        info.update(machine.measured_peaks())
+        log(f"measured {machine.peaks_line(info)}")
     results: dict[str, list[dict]] = {}
     for name in names:
         start = time.perf_counter()

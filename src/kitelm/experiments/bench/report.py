@@ -8,6 +8,7 @@ from pathlib import Path
 from types import ModuleType
 
 from ...plotting import saved_figure
+from ..machine import peaks_line
 
 
 def _fmt(value) -> str:
@@ -44,12 +45,11 @@ def write(out: Path, machine: dict, settings, results: dict[str, list[dict]],
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps({"machine": machine, "settings": asdict(settings), "results": results},
                                                  indent=2) + "\n")
-    peaks = ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in machine.get("gemm_peak_gflops", {}).items())
+    peaks = peaks_line(machine)
     md = [f"# kitelm bench\n\nMachine: {machine['cpu']} (flags {', '.join(machine['cpu_flags']) or 'unknown'}; "
           f"torch kernels {machine['torch_cpu_capability']}), {machine['threads']} threads, torch {machine['torch']}, "
-          f"compute dtype {machine.get('dtype', settings.dtype)}"
-          + (f", GEMM peaks {peaks}, DRAM {machine['dram_gbps']:.1f} GB/s" if peaks else "")
-          + f", allocator env {'set' if machine['allocator_env'] else 'NOT set'}, "
+          f"compute dtype {machine.get('dtype', settings.dtype)}" + (f"; {peaks}" if peaks else "")
+          + f"; allocator env {'set' if machine['allocator_env'] else 'NOT set'}, "
           f"commit {machine['commit']}.  \nCommand: `{machine['command']}`\n"]
     for name, rows in results.items():
         md.append(f"\n## {name}\n\n{experiments[name].NOTE}\n\n{markdown_table(rows)}")

@@ -48,7 +48,7 @@ def run_reproduce(out_dir: str | Path = "runs/reproduce", budget_minutes: float 
     todo = [n for n in EXPERIMENTS if not (out / n / "result.json").exists()]
     if todo and scale is None:
         scale = plan(budget_minutes, dtype=dtype)
-    info = machine.describe()
+    info = {**machine.describe(), "dtype": scale.dtype if scale is not None else dtype, **machine.measured_peaks()}
     with tqdm(total=len(EXPERIMENTS), unit="experiment", dynamic_ncols=True) as bar:
         for name, (experiment, claims) in EXPERIMENTS.items():
             bar.set_description(name)

@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 
 from ...errors import KitelmError
+from ..machine import peaks_line
 from ..study import results_table
 from .runs import EXPERIMENTS, FIGURES
 
@@ -35,8 +36,11 @@ def _summary(records: list[dict]) -> list[str]:
     unset = [r["experiment"] for r in records if not r["machine"]["allocator_env"]]
     allocator = (f"glibc allocator env NOT set for {', '.join(unset)} (memory-bound timings up to 4× slower)"
                  if unset else "glibc allocator env set")
-    lines = [f"Machine: {first['cpu']}, {first['threads']} threads, torch {first['torch']}; commit {first['commit']}; "
-             f"{allocator}. Small models on CPU: the papers trained billions of tokens on accelerators, so a verdict "
+    flags = f" (flags {', '.join(first['cpu_flags'])})" if "cpu_flags" in first else ""  # older runs lack them
+    peaks = f"; {peaks_line(first)}" if peaks_line(first) else ""
+    dtype = f"; compute dtype {first['dtype']}" if "dtype" in first else ""
+    lines = [f"Machine: {first['cpu']}{flags}, {first['threads']} threads, torch {first['torch']}{dtype}{peaks}; "
+             f"commit {first['commit']}; {allocator}. Small models on CPU: the papers trained billions of tokens on accelerators, so a verdict "
              "says whether the *direction* of each claim shows at this scale.", "",
              "| claim | paper | ours | verdict |", "|---|---|---|---|"]
     for rec in records:
