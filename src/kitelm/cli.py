@@ -9,6 +9,7 @@ import argparse
 import dataclasses
 import math
 import sys
+import time
 import warnings
 from dataclasses import replace
 
@@ -72,6 +73,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
         default = getattr(d, field)
         p.add_argument("--" + field.replace("_", "-"), type=_finite if isinstance(default, float) else int,
                        default=default, help=f"(default {default})")
+    p.add_argument("--minutes", type=_positive(float), help="fit --steps to a wall-clock budget for the whole "
+                   "command (start-up, training, evaluation, report), from a few timed steps on this machine; the "
+                   "schedule spans the fitted steps (default: the fixed --steps, reproducible)")
     p.add_argument("--schedule", choices=SCHEDULES, default=d.schedule, help=f"learning-rate decay after warmup "
                    f"(default {d.schedule})")
     p.add_argument("--dtype", choices=DTYPES, default=d.dtype, help=DTYPE_HELP)
@@ -96,13 +100,42 @@ def cmd_train(args) -> int:
 
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     tc = TrainConfig(out_dir=args.out, **{k: v for k, v in vars(args).items() if k in fields and k != "out_dir"})
+    if args.minutes is not None and (args.resume or args.distributed):
+        raise KitelmError("--minutes fits the step count of a new run on one process; with --resume or "
+                          "--distributed give --steps")
     trainer = Trainer(_model_config(args), tc, resume=args.resume, log=print, progress=True,
                       distributed_mode=args.distributed, overwrite=args.overwrite)
     try:
+        if args.minutes is not None:
+            _fit_to_minutes(trainer, args)
         return _train_and_report(trainer, args)
     finally:
         trainer.release()
         distributed.cleanup(trainer.dist)
+
+
+def _fit_to_minutes(trainer, args) -> None:
+    """Set the run's steps (and a warmup of at most a tenth of them) from a few timed steps so that the whole command
+    fits `--minutes`; says so, or why the budget is too small, before training."""
+    from .budget import fit_steps, time_step
+    from .evaluation import xz_cache_path
+
+    tc = trainer.tc
+    step_s, eval_batch_s = time_step(trainer)
+    if tc.task is None:
+        final_windows = (len(trainer.data.validation) - 1) // tc.seq_len
+        train_text = trainer.corpus.text("train").encode("utf-8", "replace")  # the report compresses it 3×
+        xz_bytes = 0 if xz_cache_path(train_text).exists() else 3 * len(train_text)
+        sample = not args.no_sample
+    else:
+        final_windows, xz_bytes, sample = 0, 0, False
+    elapsed = time.monotonic() - getattr(args, "started", time.monotonic())
+    fit = fit_steps(args.minutes, elapsed, step_s, eval_batch_s, eval_every=tc.eval_every,
+                    eval_windows=len(trainer.val_windows), final_windows=final_windows, batch_size=tc.batch_size,
+                    xz_bytes=xz_bytes, sample=sample)
+    trainer.tc = dataclasses.replace(tc, steps=fit.steps, warmup_steps=min(tc.warmup_steps, fit.steps // 10))
+    trainer.log(f"--minutes {args.minutes:g}: {fit.steps} steps (one step {fit.step_s:.2f} s on this machine; "
+                f"{fit.elapsed_s:.0f} s spent before training, ~{fit.overhead_s:.0f} s of evaluation and report)")
 
 
 def _train_and_report(trainer, args) -> int:
@@ -464,11 +497,13 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
 
 
 def main(argv: list[str] | None = None) -> int:
+    started = time.monotonic()
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as done:  # --help (0) or a usage error (2, already printed as one line)
         return int(done.code or 0)
     args.from_command_line = argv is None
+    args.started = started
     debug = getattr(args, "debug", False)
     if not debug:
         warnings.showwarning = _one_line_warning

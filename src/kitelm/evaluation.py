@@ -63,14 +63,18 @@ XZ_GIVEN = "xz -9 given train"
 CACHED_XZ_BYTES = 1 << 20  # xz sizes of inputs at least this long are cached (xz -9 runs at ~1.3 MB/s on 2 cores)
 
 
+def xz_cache_path(data: bytes) -> Path:
+    from .data.dataset import cache_root
+
+    return cache_root() / "xz9" / f"{hashlib.sha256(data).hexdigest()}.json"
+
+
 def xz_size(data: bytes) -> int:
     """Bytes of `lzma.compress(data, preset=9)`; for a long input cached under the kitelm cache by its sha256 (the
     11.7 MB training split of the default corpus takes ~9 s to compress, every run would pay it)."""
     if len(data) < CACHED_XZ_BYTES:
         return len(lzma.compress(data, preset=9))
-    from .data.dataset import cache_root
-
-    path = cache_root() / "xz9" / f"{hashlib.sha256(data).hexdigest()}.json"
+    path = xz_cache_path(data)
     try:
         cached = json.loads(path.read_text())
         if cached["bytes"] == len(data):
