@@ -51,6 +51,7 @@ def _bind(host: str, port: int) -> socket.socket:
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     try:
         sock.bind((host, port))
+        sock.listen(2048)  # connections made after the banner wait in the backlog until uvicorn accepts them
     except OSError as err:
         sock.close()
         raise KitelmError(f"cannot listen on {host}:{port} ({err.strerror or err}); choose another --port") from None
