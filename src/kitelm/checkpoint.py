@@ -15,12 +15,13 @@ import os
 import shutil
 import warnings
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .errors import CheckpointError
+from .errors import CheckpointError, KitelmError
 
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -30,7 +31,7 @@ MANIFEST_FILE = "manifest.json"
 PREFIX = "step-"
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -38,12 +39,55 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _fsync(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """fsync a file or a folder (a folder's fsync makes the names in it durable)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def write_folder(final: Path, fill: Callable[[Path], None], replace: bool = False) -> None:
+    """Create the checkpoint folder `final` atomically. `fill(tmp)` writes its files into a hidden temporary folder
+    beside it; then `manifest.json` (sha256 and size of every file) is added, the files and the folder are fsynced,
+    and the folder is renamed into place. An existing `final` is replaced with `replace` (the old copy moved aside
+    first), else refused with KitelmError. On any error the temporary folder is removed; OSErrors reach the caller,
+    which says what could not be written."""
+    parent = final.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = parent / f".tmp-{final.name}-{os.getpid()}"
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        fill(tmp)
+        files = sorted(p for p in tmp.iterdir() if p.is_file())
+        manifest = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in files}
+        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+        for p in tmp.iterdir():
+            fsync_path(p)
+        fsync_path(tmp)
+        if final.exists():
+            if not replace:
+                raise KitelmError(f"{final} appeared while it was being written; nothing was written there")
+            old = parent / f".old-{final.name}-{os.getpid()}"  # re-saving a step (e.g. after resume)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        fsync_path(parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_model(folder: Path, model_state: dict[str, torch.Tensor], config, tokenizer, **metadata: str) -> None:
+    """`model.safetensors` (with `metadata`), `config.json` and the tokenizer's files into `folder`."""
+    state = {k: v.detach().contiguous().cpu() for k, v in model_state.items()}
+    save_file(state, folder / MODEL_FILE, metadata={"format": "pt", "kitelm_arch": config.arch, **metadata})
+    config.save(folder / CONFIG_FILE)
+    tokenizer.save(folder)
 
 
 def checkpoint_dir(run_dir: str | Path, step: int) -> Path:
@@ -56,36 +100,16 @@ def save_checkpoint(run_dir: str | Path, step: int, model_state: dict[str, torch
     atomically, and keep only the newest `keep_last` complete checkpoints."""
     final = checkpoint_dir(run_dir, step)
     parent = final.parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        tmp = parent / f".tmp-{final.name}-{os.getpid()}"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-        state = {k: v.detach().contiguous().cpu() for k, v in model_state.items()}
-        save_file(state, tmp / MODEL_FILE, metadata={"format": "pt", "kitelm_arch": config.arch})
-        config.save(tmp / CONFIG_FILE)
-        tokenizer.save(tmp)
+
+    def fill(tmp: Path) -> None:
+        write_model(tmp, model_state, config, tokenizer)
         if train_state is not None:
             torch.save(train_state, tmp / STATE_FILE)
         (tmp / META_FILE).write_text(json.dumps({"step": step, **(meta or {})}, indent=2) + "\n")
-        files = sorted(p for p in tmp.iterdir() if p.is_file())
-        manifest = {p.name: {"sha256": _sha256(p), "bytes": p.stat().st_size} for p in files}
-        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
-        for p in tmp.iterdir():
-            _fsync(p)
-        _fsync(tmp)
-        if final.exists():  # re-saving a step (e.g. after resume): move the old copy aside first
-            old = parent / f".old-{final.name}-{os.getpid()}"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-        _fsync(parent)
+
+    try:
+        write_folder(final, fill, replace=True)
     except OSError as err:
-        if "tmp" in locals() and tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(f"could not write checkpoint {final} ({err.strerror or err}); free disk space or "
                               "choose a writable --out folder (earlier checkpoints are untouched)") from None
     if keep_last:  # rename out of sight first: a crash mid-delete never leaves a half-deleted step-* folder
@@ -133,7 +157,7 @@ def verify_checkpoint(path: str | Path) -> None:
         f = path / name
         if not f.is_file():
             raise CheckpointError(f"checkpoint {path} is missing {name}")
-        if f.stat().st_size != entry["bytes"] or _sha256(f) != entry["sha256"]:
+        if f.stat().st_size != entry["bytes"] or sha256_file(f) != entry["sha256"]:
             raise CheckpointError(f"checkpoint file {f} is truncated or corrupt (checksum mismatch)")
 
 
@@ -177,15 +201,27 @@ def read_weights(path: str | Path, expected: dict[str, torch.Tensor]) -> dict[st
         raise CheckpointError(f"{file} does not exist") from None
     except (SafetensorError, OSError) as err:
         raise CheckpointError(f"{file} is corrupt or truncated ({err})") from None
+    check_state(state, expected, str(file), "the model in config.json")
+    return state
+
+
+def check_state(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], source: str, target: str) -> None:
+    """Raise one CheckpointError listing every missing, unexpected or mis-shaped tensor of `state` (read from
+    `source`) against the state dict `expected` (of `target`)."""
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     shapes = sorted(f"{k}: {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
                     if k in state and state[k].shape != v.shape)
     if missing or unexpected or shapes:
-        parts = [f"missing {missing[:5]}" if missing else "", f"unexpected {unexpected[:5]}" if unexpected else "",
-                 f"mis-shaped {shapes[:5]}" if shapes else ""]
-        raise CheckpointError(f"{file} does not fit the model in config.json: " + "; ".join(p for p in parts if p))
-    return state
+        parts = [_listing("missing", missing), _listing("unexpected", unexpected), _listing("mis-shaped", shapes)]
+        raise CheckpointError(f"{source} does not fit {target}: " + "; ".join(p for p in parts if p))
+
+
+def _listing(kind: str, names: list[str], limit: int = 10) -> str:
+    if not names:
+        return ""
+    more = f" (+{len(names) - limit} more)" if len(names) > limit else ""
+    return f"{len(names)} {kind} {names[:limit]}{more}"
 
 
 def load_train_state(path: str | Path) -> dict:

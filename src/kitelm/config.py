@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .models import ARCHITECTURES
 
 MLP_KINDS = ("geglu", "swiglu", "relu", "gelu")
 
@@ -112,8 +113,6 @@ class ModelConfig:
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
-        from .models import ARCHITECTURES  # local import: models import config
-
         def need(ok: bool, msg: str) -> None:
             if not ok:
                 raise ConfigError(f"invalid config {self.name!r}: {msg}")

@@ -13,7 +13,6 @@ are listed in one `CheckpointError`.
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import re
 import shutil
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoint import check_state, write_folder, write_model
 from ..config import ModelConfig
 from ..errors import CheckpointError, KitelmError
 from ..models import build_model
@@ -241,23 +241,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
 def load_state_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
     """Put `state`'s tensors into `model` as they are (assigned, not copied: a meta model needs no memory of its
     own); any missing, unexpected or mis-shaped tensor raises one CheckpointError that lists them."""
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    shapes = sorted(f"{k}: {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
-                    if k in state and state[k].shape != v.shape)
-    if missing or unexpected or shapes:
-        parts = [_listing("missing", missing), _listing("unexpected", unexpected), _listing("mis-shaped", shapes)]
-        raise CheckpointError(f"{source} does not fit a {model.config.arch} model: "
-                              + "; ".join(p for p in parts if p))
+    check_state(state, model.state_dict(), source, f"a {model.config.arch} model")
     model.load_state_dict(state, assign=True)
-
-
-def _listing(kind: str, names: list[str], limit: int = 10) -> str:
-    if not names:
-        return ""
-    more = f" (+{len(names) - limit} more)" if len(names) > limit else ""
-    return f"{len(names)} {kind} {names[:limit]}{more}"
 
 
 def find_tokenizer(path: Path, tokenizer: str | Path | None):
@@ -284,10 +269,6 @@ def convert(src: str | Path, out: str | Path, tokenizer: str | Path | None = Non
     config.json, tokenizer.model, manifest.json, and the chat template files beside `src` or the tokenizer (kept
     as they are). Written into a hidden temporary folder, then renamed: a failure
     leaves nothing behind."""
-    from safetensors.torch import save_file
-
-    from ..checkpoint import CONFIG_FILE, MANIFEST_FILE, MODEL_FILE, _fsync, _sha256
-
     src, out = Path(src), Path(out)
     if not src.exists():
         raise KitelmError(f"{src} does not exist; pass an HF RecurrentGemma folder or an official state-dict file")
@@ -300,28 +281,17 @@ def convert(src: str | Path, out: str | Path, tokenizer: str | Path | None = Non
     if tok.vocab_size > model.config.vocab_size:
         raise KitelmError(f"the tokenizer has {tok.vocab_size} tokens but the model only {model.config.vocab_size}; "
                           "pass the tokenizer that belongs to this checkpoint")
-    tmp = out.parent / f".tmp-{out.name}-{os.getpid()}"
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-        save_file(state, tmp / MODEL_FILE, metadata={"format": "pt", "kitelm_arch": model.config.arch,
-                                                     "converted_from": str(src)})
-        model.config.save(tmp / CONFIG_FILE)
-        tok.save(tmp)
+
+    def fill(tmp: Path) -> None:
+        write_model(tmp, model.state_dict(), model.config, tok, converted_from=str(src))
         for folder in {src if src.is_dir() else src.parent, Path(tokenizer).parent if tokenizer else None} - {None}:
             for name in CHAT_TEMPLATE_FILES:  # the chat template `kitelm serve` and `kitelm chat` render
                 if (folder / name).is_file():
                     shutil.copyfile(folder / name, tmp / name)
-        files = sorted(p for p in tmp.iterdir() if p.is_file())
-        manifest = {p.name: {"sha256": _sha256(p), "bytes": p.stat().st_size} for p in files}
-        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
-        for p in tmp.iterdir():
-            _fsync(p)
-        os.replace(tmp, out)
+
+    try:
+        write_folder(out, fill)
     except OSError as err:
-        shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(f"could not write {out} ({err.strerror or err})") from None
     return out
 

@@ -13,15 +13,12 @@ scored (loss and exact-match accuracy). Token 0 is padding/blank; the last ids a
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 
-from ..errors import ConfigError, KitelmError
-from .tokenizer import TOKENIZER_FILE
+from ..errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -132,40 +129,6 @@ def get_task(name: str):
     if name not in TASKS:
         raise ConfigError(f"unknown task {name!r}; choose one of {sorted(TASKS)}")
     return TASKS[name]
-
-
-class TaskTokenizer:
-    """Token ids of a synthetic task (no text): saved so a task checkpoint knows its task."""
-
-    bos_id = None
-
-    def __init__(self, task):
-        self.task, self.name = task, f"task:{task.name}"
-        self.vocab_size, self.eos_id = task.vocab_size, 0
-
-    def encode(self, text: str) -> list[int]:
-        """Space-separated token ids, e.g. "3 17 4", each in [0, vocab_size)."""
-        try:
-            ids = [int(t) for t in text.split()]
-        except ValueError:
-            raise KitelmError(f"a {self.name} checkpoint reads space-separated token ids (e.g. \"3 17 4\"), not text "
-                              f"like {text[:20]!r}") from None
-        outside = [i for i in ids if not 0 <= i < self.vocab_size]
-        if outside:
-            raise KitelmError(f"token id {outside[0]} is outside this task's vocabulary [0, {self.vocab_size})")
-        return ids
-
-    def decode(self, ids) -> str:
-        return " ".join(str(int(i)) for i in ids)
-
-    def save(self, directory: str | Path) -> None:
-        (Path(directory) / TOKENIZER_FILE).write_text(
-            json.dumps({"kitelm_tokenizer": "task", "task": asdict(self.task)}) + "\n")
-
-    @classmethod
-    def from_saved(cls, data: dict) -> "TaskTokenizer":
-        spec = dict(data["task"])
-        return cls(type(get_task(spec["name"]))(**spec))
 
 
 class TaskSampler:

@@ -1,14 +1,17 @@
-"""Tokenizers: byte-level (256 bytes + <|endoftext|>, nothing to train) and byte-level BPE trained with HF
-`tokenizers`. Both save to and load from `tokenizer.json` in a checkpoint folder.
+"""Tokenizers: byte-level (256 bytes + <|endoftext|>, nothing to train), byte-level BPE trained with HF
+`tokenizers`, and a synthetic task's token ids (`TaskTokenizer`): each saves to and loads from `tokenizer.json` in a
+checkpoint folder. RecurrentGemma's SentencePiece `tokenizer.model` is read as it is.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 from typing import Iterable, Protocol
 
 from ..errors import CheckpointError, ConfigError, KitelmError
+from .tasks import get_task
 
 EOT = "<|endoftext|>"
 TOKENIZER_FILE = "tokenizer.json"
@@ -132,6 +135,40 @@ class SentencePieceTokenizer:
         (Path(directory) / self.MODEL_FILE).write_bytes(self.proto)
 
 
+class TaskTokenizer:
+    """Token ids of a synthetic task (no text): saved so a task checkpoint knows its task."""
+
+    bos_id = None
+
+    def __init__(self, task):
+        self.task, self.name = task, f"task:{task.name}"
+        self.vocab_size, self.eos_id = task.vocab_size, 0
+
+    def encode(self, text: str) -> list[int]:
+        """Space-separated token ids, e.g. "3 17 4", each in [0, vocab_size)."""
+        try:
+            ids = [int(t) for t in text.split()]
+        except ValueError:
+            raise KitelmError(f"a {self.name} checkpoint reads space-separated token ids (e.g. \"3 17 4\"), not text "
+                              f"like {text[:20]!r}") from None
+        outside = [i for i in ids if not 0 <= i < self.vocab_size]
+        if outside:
+            raise KitelmError(f"token id {outside[0]} is outside this task's vocabulary [0, {self.vocab_size})")
+        return ids
+
+    def decode(self, ids) -> str:
+        return " ".join(str(int(i)) for i in ids)
+
+    def save(self, directory: str | Path) -> None:
+        (Path(directory) / TOKENIZER_FILE).write_text(
+            json.dumps({"kitelm_tokenizer": "task", "task": asdict(self.task)}) + "\n")
+
+    @classmethod
+    def from_saved(cls, data: dict) -> "TaskTokenizer":
+        spec = dict(data["task"])
+        return cls(type(get_task(spec["name"]))(**spec))
+
+
 def parse_tokenizer_spec(spec: str) -> tuple[str, int | None]:
     """`byte` or `bpe:N` (N ≥ 512) → (kind, vocab size)."""
     if spec == "byte":
@@ -156,8 +193,6 @@ def load_tokenizer(directory: str | Path) -> Tokenizer:
     if data.get("kitelm_tokenizer") == "byte":
         return ByteTokenizer()
     if data.get("kitelm_tokenizer") == "task":
-        from .tasks import TaskTokenizer
-
         return TaskTokenizer.from_saved(data)
     from tokenizers import Tokenizer as HFTokenizer
 

@@ -17,8 +17,6 @@ model is ever made, and pages are read from disk as the kernels touch them.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import struct
 from pathlib import Path
 from typing import Callable, Iterator
@@ -26,8 +24,7 @@ from typing import Callable, Iterator
 import torch
 from torch import Tensor
 
-from ..checkpoint import CONFIG_FILE, MANIFEST_FILE, MODEL_FILE, _fsync, _sha256, resolve_checkpoint, \
-    verify_checkpoint
+from ..checkpoint import CONFIG_FILE, MANIFEST_FILE, MODEL_FILE, resolve_checkpoint, verify_checkpoint, write_folder
 from ..config import ModelConfig
 from ..errors import CheckpointError, KitelmError
 from ..models import build_model
@@ -286,27 +283,16 @@ def _write(out: Path, state: dict[str, Tensor], config: ModelConfig, spec: Quant
            say: Callable[[str], None]) -> Path:
     from safetensors.torch import save_file
 
-    tmp = out.parent / f".tmp-{out.name}-{os.getpid()}"
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
+    def fill(tmp: Path) -> None:
         save_file({k: v.contiguous() for k, v in state.items()}, tmp / MODEL_FILE,
                   metadata={"format": "pt", "kitelm_arch": config.arch, "kitelm_weights": spec.weights,
                             "converted_from": str(source.path)})
         (tmp / CONFIG_FILE).write_text(json.dumps({**config.to_dict(), QUANT_KEY: spec.to_dict()}, indent=2) + "\n")
         source.tokenizer.save(tmp)
-        files = sorted(p for p in tmp.iterdir() if p.is_file())
-        manifest = {p.name: {"sha256": _sha256(p), "bytes": p.stat().st_size} for p in files}
-        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
-        for p in tmp.iterdir():
-            _fsync(p)
-        if out.exists():
-            raise KitelmError(f"{out} appeared while converting; nothing was written there")
-        os.replace(tmp, out)
+
+    try:
+        write_folder(out, fill)
     except OSError as err:
         raise CheckpointError(f"could not write {out} ({err.strerror or err}); nothing was left behind") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     say(f"wrote {out} ({(out / MODEL_FILE).stat().st_size / 2**30:.2f} GiB)")
     return out
