@@ -4,7 +4,8 @@ sizes and every ISA path this CPU runs; the quantization error bound; quantized 
 
 Tolerances come from the arithmetic, not from fitting:
 * kernel vs twin: both sum the same exact products ŵ·x in fp32 in different orders, so each is within γ_n·Σ|ŵ·x| of
-  the exact sum (γ_n = n·u/(1 − n·u), u = 2⁻²⁴, n = in + 1 with the bias): they differ by at most 2·γ_n·Σ|ŵ·x|.
+  the exact sum (γ_n = n·u/(1 − n·u), u = 2⁻²⁴, n = in + 2: the bias and a per-block scale multiply): they differ
+  by at most 2·γ_n·Σ|ŵ·x|.
 * quantization: |w − ŵ| ≤ s/2 per weight, so a layer's output moves by at most Σ_i |x_i|·s_i/2 (+ the fp32 bound).
 """
 
@@ -34,7 +35,7 @@ CASES = [("bf16", 91, 0), ("bf16", 160, 0), ("int8", 91, 91), ("int8", 96, 32), 
 
 
 def fp32_reorder_bound(x: torch.Tensor, w_hat: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    n = x.shape[-1] + 1
+    n = x.shape[-1] + 2  # the products, the bias and (int4 on avx512bf16) the per-block scale multiply
     gamma = n * U / (1 - n * U)
     mass = x.abs().double() @ w_hat.abs().double().T + (0 if bias is None else bias.abs().double())
     return 2 * gamma * mass + 1e-30
@@ -57,14 +58,16 @@ def test_gemv_kernels_match_their_twin(isa, fmt, inp, group, monkeypatch):
     monkeypatch.setenv("KITELM_QUANT_ISA", isa)
     w, storage, scales, bias = make(fmt, inp, group)
     w_hat = Q.dequantize_reference(storage, scales, fmt, group)
+    x_bf16 = Q.rounds_x_to_bf16(fmt, inp, Q.ISAS[isa])  # then the twin rounds x to bf16 too
     for rows in (1, 2, 3, 5, 8):
         for b in (bias, None):
             x = torch.randn(rows, inp)
-            ref = Q.linear_reference(x, storage, scales, b, fmt, group)
+            ref = Q.linear_reference(x, storage, scales, b, fmt, group, x_bf16=x_bf16)
             with torch.inference_mode():
                 y = Q.quantized_linear(x, storage, scales, b, fmt, group)
             assert y.shape == ref.shape and y.dtype == torch.float32
-            assert ((y - ref).abs().double() <= fp32_reorder_bound(x, w_hat, b)).all(), (rows, isa)
+            x_used = x.to(torch.bfloat16).float() if x_bf16 else x
+            assert ((y - ref).abs().double() <= fp32_reorder_bound(x_used, w_hat, b)).all(), (rows, isa)
 
 
 def test_forced_isa_is_checked(monkeypatch):

@@ -34,7 +34,7 @@ from .extension import CppExtension
 FORMATS = ("bf16", "int8", "int4")
 QMAX = {"int8": 127, "int4": 7}
 MAX_ROWS = 8  # above this the GEMM on dequantized tiles reuses each weight across rows better than the GEMV
-ISAS = {"portable": 0, "avx2": 1, "avx512": 2}
+ISAS = {"portable": 0, "avx2": 1, "avx512": 2, "avx512bf16": 3}  # 3: int4 by bf16 dot products (x in bf16)
 TILE_ELEMENTS = 1 << 22  # weights dequantized per tile on the GEMM path (8 MiB in bf16)
 EXTENSION = CppExtension("quant_kernels", fallback="quantized layers use dequantize + F.linear",
                          cflags=("-O3", "-fopenmp"))  # baseline x86-64: the AVX2/AVX-512 paths carry target attributes
@@ -106,10 +106,16 @@ def dequantize_reference(storage: Tensor, scales: Tensor | None, fmt: str, group
 
 
 def linear_reference(x: Tensor, storage: Tensor, scales: Tensor | None, bias: Tensor | None, fmt: str,
-                     group: int) -> Tensor:
-    """The twin of every fast path: F.linear(x, Ŵ, b) in float32 → [..., out] float32."""
-    return F.linear(x.float(), dequantize_reference(storage, scales, fmt, group),
-                    None if bias is None else bias.float())
+                     group: int, x_bf16: bool = False) -> Tensor:
+    """The twin of every fast path: F.linear(x, Ŵ, b) in float32 → [..., out] float32; `x_bf16` rounds x to bf16
+    first, as the avx512bf16 int4 path does."""
+    xf = x.to(torch.bfloat16).float() if x_bf16 else x.float()
+    return F.linear(xf, dequantize_reference(storage, scales, fmt, group), None if bias is None else bias.float())
+
+
+def rounds_x_to_bf16(fmt: str, in_features: int, isa: int) -> bool:
+    """Whether the GEMV path `isa` rounds x to bf16 for this layer (the avx512bf16 path: int4, in % 64 == 0)."""
+    return isa == ISAS["avx512bf16"] and fmt == "int4" and in_features % 64 == 0
 
 
 # ------------------------------------------------------------------------------------------------ fast paths
@@ -175,8 +181,13 @@ def dequantize(storage: Tensor, scales: Tensor | None, fmt: str, group: int, in_
 
 
 def kernel_isa() -> int:
-    """The GEMV path: KITELM_QUANT_ISA (portable | avx2 | avx512) if set, else the fastest this CPU runs."""
-    return _isa(os.environ.get("KITELM_QUANT_ISA", ""))
+    """The GEMV path: KITELM_QUANT_ISA (portable | avx2 | avx512 | avx512bf16) if set, else the fastest this CPU runs
+    (the bf16-dot int4 path only where `kitelm.precision.native_bf16()` says bf16 is native, as for every bf16 choice)."""
+    from ..precision import native_bf16
+
+    forced = os.environ.get("KITELM_QUANT_ISA", "")
+    level = _isa(forced)
+    return ISAS["avx512"] if level == ISAS["avx512bf16"] and not forced and not native_bf16() else level
 
 
 @functools.cache

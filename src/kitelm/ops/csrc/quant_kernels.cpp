@@ -12,7 +12,8 @@
 // At batch 1 a step reads every weight once, so the kernels stream each weight row once for all rows of x, turn it
 // into fp32 in registers (never in memory), and split output rows across torch's threads. The ISA is chosen at run
 // time: this file is compiled for baseline x86-64 and each fast path carries its own target attribute, so one build
-// runs on AVX2-only and AVX-512 CPUs. `isa`: 0 = portable C++, 1 = AVX2+FMA, 2 = AVX-512 F/BW.
+// runs on AVX2-only and AVX-512 CPUs. `isa`: 0 = portable C++, 1 = AVX2+FMA, 2 = AVX-512 F/BW, 3 = AVX-512 with
+// AVX512-BF16 (int4 only: bf16 dot products, x rounded to bf16; bf16 and int8 weights take path 2 there).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <algorithm>
@@ -29,7 +30,7 @@
 
 namespace {
 
-constexpr int kScalar = 0, kAvx2 = 1, kAvx512 = 2;
+constexpr int kScalar = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3;
 
 inline float bf16_to_float(uint16_t b) {
   uint32_t u = static_cast<uint32_t>(b) << 16;
@@ -57,6 +58,7 @@ struct Problem {
   const uint16_t* scales;
   const float* bias;
   float* y;
+  const uint16_t* xb;  // kAvx512Bf16 int4 path: x rounded to bf16 and permuted to the nibble order (see below)
 };
 
 // ---------------------------------------------------------------------------------------- portable reference path
@@ -305,13 +307,70 @@ bool cpu_has_avx2() {
   __builtin_cpu_init();
   return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 }
+
+// ---------------------------------------------------------------------------- AVX-512 BF16 path (int4 weights only)
+// The fp32 int4 path is bound by turning nibbles into floats (≈ 9 vector ops per 32 weights). Here nibbles become bf16
+// through a 16-entry table (vpermw: bf16(n − 8) is exact) and VDPBF16PS multiplies 32 pairs per instruction into fp32:
+// ≈ 10 ops per 64 weights. The price: x is rounded to bf16 (relative 2⁻⁹, small against int4's step), and the twin
+// rounds it the same way. A 32-byte load holds two 32-weight blocks; its low nibbles are weights 0-15 of both blocks,
+// its high nibbles weights 16-31, so x is pre-permuted per 64 weights to [x0..15, x32..47, x16..31, x48..63].
+#define KITELM_AVX512BF16 __attribute__((target("avx512f,avx512bw,avx512dq,avx512bf16,fma")))
+
+template <int R>
+KITELM_AVX512BF16 void rows_avx512bf16_int4(const Problem& p, int64_t begin, int64_t end) {
+  const int64_t in = p.in;
+  std::vector<float> scale_buffer(p.ngroups);
+  float* sb = scale_buffer.data();
+  alignas(64) uint16_t table[32] = {};
+  for (int n = 0; n < 16; ++n) table[n] = float_to_bf16(static_cast<float>(n - 8));
+  const __m512i lut = _mm512_load_si512(table);
+  const __m512i low = _mm512_set1_epi16(0xf);
+  for (int64_t o = begin; o < end; ++o) {
+    row_scales(p, o, sb);
+    const uint8_t* w = static_cast<const uint8_t*>(p.w) + o * (in / 2);
+    __m512 acc[R];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < in; k += 64) {
+      const __m512i n = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k / 2)));
+      const __m512i wlo = _mm512_permutexvar_epi16(_mm512_and_si512(n, low), lut);
+      const __m512i whi = _mm512_permutexvar_epi16(_mm512_srli_epi16(n, 4), lut);
+      const __m512 s = _mm512_insertf32x8(_mm512_set1_ps(sb[k >> p.shift]), _mm256_set1_ps(sb[(k + 32) >> p.shift]), 1);
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) {
+        const uint16_t* xr = p.xb + r * in + k;
+        __m512 dot = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)wlo, (__m512bh)_mm512_loadu_si512(xr));
+        dot = _mm512_dpbf16_ps(dot, (__m512bh)whi, (__m512bh)_mm512_loadu_si512(xr + 32));
+        acc[r] = _mm512_fmadd_ps(dot, s, acc[r]);
+      }
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const float sum = _mm512_reduce_add_ps(acc[r]);
+      p.y[r * p.out + o] = p.bias ? sum + p.bias[o] : sum;
+    }
+  }
+}
+
+bool cpu_has_avx512bf16() {
+  __builtin_cpu_init();
+  return cpu_has_avx512() && __builtin_cpu_supports("avx512bf16");
+}
 #endif  // KITELM_X86
 
 using RowsFn = void (*)(const Problem&, int64_t, int64_t);
 
-RowsFn pick(int isa, int64_t rows) {
+RowsFn pick(int isa, Fmt fmt, int64_t rows) {
 #if KITELM_X86
-  if (isa == kAvx512) {
+  if (isa == kAvx512Bf16 && fmt == Fmt::int4) {
+    switch (rows) {
+      case 1: return rows_avx512bf16_int4<1>; case 2: return rows_avx512bf16_int4<2>;
+      case 3: return rows_avx512bf16_int4<3>; case 4: return rows_avx512bf16_int4<4>;
+      case 5: return rows_avx512bf16_int4<5>; case 6: return rows_avx512bf16_int4<6>;
+      case 7: return rows_avx512bf16_int4<7>; case 8: return rows_avx512bf16_int4<8>;
+    }
+  }
+  if (isa >= kAvx512) {
     switch (rows) {
       case 1: return rows_avx512<1>; case 2: return rows_avx512<2>; case 3: return rows_avx512<3>;
       case 4: return rows_avx512<4>; case 5: return rows_avx512<5>; case 6: return rows_avx512<6>;
@@ -330,8 +389,9 @@ RowsFn pick(int isa, int64_t rows) {
 }
 
 int checked_isa(int64_t isa) {
-  TORCH_CHECK(isa >= kScalar && isa <= kAvx512, "quant kernels: isa must be 0, 1 or 2, got ", isa);
+  TORCH_CHECK(isa >= kScalar && isa <= kAvx512Bf16, "quant kernels: isa must be 0, 1, 2 or 3, got ", isa);
 #if KITELM_X86
+  TORCH_CHECK(isa != kAvx512Bf16 || cpu_has_avx512bf16(), "quant kernels: this CPU has no AVX512-BF16");
   TORCH_CHECK(isa != kAvx512 || cpu_has_avx512(), "quant kernels: this CPU has no AVX-512 F/BW/DQ");
   TORCH_CHECK(isa != kAvx2 || cpu_has_avx2(), "quant kernels: this CPU has no AVX2+FMA");
 #else
@@ -383,17 +443,33 @@ torch::Tensor run(Fmt fmt, const torch::Tensor& x_in, const torch::Tensor& w_in,
   }
   // vector chunks (16 or 8 weights) must not straddle two scales and scales are found by a shift: the group must be
   // a power of two ≥ the chunk, or the row must have one scale; other groups take the portable path
-  const int64_t chunk = isa == kAvx512 ? 16 : 8;
+  const int64_t chunk = isa >= kAvx512 ? 16 : 8;
   const bool pow2 = (group & (group - 1)) == 0;
   const int shift = ngroups == 1 ? 62 : (pow2 ? __builtin_ctzll(static_cast<uint64_t>(group)) : 0);
-  const int effective = (fmt != Fmt::bf16 && ngroups > 1 && (!pow2 || group < chunk)) ? kScalar : isa;
+  int effective = (fmt != Fmt::bf16 && ngroups > 1 && (!pow2 || group < chunk)) ? kScalar : isa;
+  if (effective == kAvx512Bf16 && (fmt != Fmt::int4 || in % 64 != 0)) effective = kAvx512;  // bf16 dots: int4 only
   auto out_shape = x_in.sizes().vec();
   out_shape.back() = out;
   auto y = torch::empty(out_shape, x.options());
   Problem p{fmt, rows, in, out, group, ngroups, shift, x.data_ptr<float>(), w.data_ptr(),
             scales.has_value() ? reinterpret_cast<const uint16_t*>(scales->data_ptr()) : nullptr,
-            bias.has_value() ? bias->data_ptr<float>() : nullptr, y.data_ptr<float>()};
-  const RowsFn fn = pick(effective, rows);
+            bias.has_value() ? bias->data_ptr<float>() : nullptr, y.data_ptr<float>(), nullptr};
+  std::vector<uint16_t> xb;
+  if (effective == kAvx512Bf16) {  // x → bf16 in the nibble order of each 64 weights: [0..16, 32..48, 16..32, 48..64)
+    xb.resize(rows * in);
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t k = 0; k < in; k += 64)
+        for (int j = 0; j < 16; ++j) {
+          const float* xr = p.x + r * in + k;
+          uint16_t* d = xb.data() + r * in + k;
+          d[j] = float_to_bf16(xr[j]);
+          d[16 + j] = float_to_bf16(xr[32 + j]);
+          d[32 + j] = float_to_bf16(xr[16 + j]);
+          d[48 + j] = float_to_bf16(xr[48 + j]);
+        }
+    p.xb = xb.data();
+  }
+  const RowsFn fn = pick(effective, fmt, rows);
   const int64_t row_bytes = fmt == Fmt::int4 ? in / 2 : (fmt == Fmt::int8 ? in : 2 * in);
   // ≥ 1 MiB of weights per task: small layers stay on the calling thread, which (unlike a worker that another
   // process may have descheduled) is running for sure; a shared 2-core VM otherwise stalls a step per parallel call
@@ -472,7 +548,7 @@ torch::Tensor dequantize(const torch::Tensor& q_in, const torch::Tensor& scales_
   TORCH_CHECK(!int4 || group % 32 == 0, "dequantize: int4 groups must be multiples of 32");
   auto w = torch::empty({out, in}, q.options().dtype(dtype));
   Problem p{int4 ? Fmt::int4 : Fmt::int8, 0, in, out, group, ngroups, 0, nullptr, q.data_ptr(),
-            reinterpret_cast<const uint16_t*>(scales.data_ptr()), nullptr, nullptr};
+            reinterpret_cast<const uint16_t*>(scales.data_ptr()), nullptr, nullptr, nullptr};
   const bool bf16 = dtype == torch::kBFloat16;
   float* wf = bf16 ? nullptr : w.data_ptr<float>();
   uint16_t* wb = bf16 ? reinterpret_cast<uint16_t*>(w.data_ptr()) : nullptr;
@@ -490,6 +566,7 @@ torch::Tensor dequantize(const torch::Tensor& q_in, const torch::Tensor& scales_
 
 int64_t best_isa() {
 #if KITELM_X86
+  if (cpu_has_avx512bf16()) return kAvx512Bf16;
   if (cpu_has_avx512()) return kAvx512;
   if (cpu_has_avx2()) return kAvx2;
 #endif
@@ -501,5 +578,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemv_int8", &gemv_int8, "y = x Ŵᵀ + b, Ŵ = int8 · bf16 group scale, 1-8 rows");
   m.def("gemv_int4", &gemv_int4, "y = x Ŵᵀ + b, Ŵ = (nibble − 8) · bf16 group scale, 1-8 rows");
   m.def("dequantize", &dequantize, "int8/int4 storage → float32/bfloat16 weight");
-  m.def("best_isa", &best_isa, "0 portable, 1 AVX2+FMA, 2 AVX-512: the fastest path this CPU runs");
+  m.def("best_isa", &best_isa, "0 portable, 1 AVX2+FMA, 2 AVX-512, 3 AVX-512 + BF16: the fastest path this CPU runs");
 }
