@@ -114,6 +114,7 @@ def test_gradients_reach_every_parameter():
     (dict(lru_width=66), "does not divide lru_width"),
     (dict(block_pattern="RXA"), "block_pattern"),
     (dict(mlp="relu"), "gated MLP"),
+    (dict(conv_width=1), "conv_width=1 must be an integer >= 2"),  # its state slice would keep every input
 ])
 def test_invalid_griffin_configs_are_refused(change, message):
     with pytest.raises(ConfigError, match=message):

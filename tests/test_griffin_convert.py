@@ -97,7 +97,7 @@ def test_sharded_hf_folder_matches_transformers(tmp_path_factory, sentencepiece_
     shutil.copy(sentencepiece_file, folder / "tokenizer.model")
     out = tmp_path_factory.mktemp("converted") / "rg"
     assert main(["convert", str(folder), "--out", str(out)]) == 0
-    tokens = torch.randint(0, VOCAB, (2, 16))  # T ≤ window: HF's window is one key shorter (brief §7 #1)
+    tokens = torch.randint(0, VOCAB, (2, 16))  # T ≤ window: HF's window is one key shorter (layers/local_attention.py)
     with torch.no_grad():
         expected = hf(tokens).logits
         for lm in (kitelm.load(folder), kitelm.load(out)):

@@ -1,4 +1,4 @@
-"""Griffin-SAS (issue 4 item 6): the simplified shaped, value/projection-free local attention as Griffin's A block."""
+"""Griffin-SAS: the simplified shaped, value/projection-free local attention as Griffin's A block."""
 
 from __future__ import annotations
 
@@ -52,8 +52,8 @@ def positions_with_documents(t, starts):
 def dense_reference(attn, x, segment_pos):
     """Ã = α·I + β·softmax(QKᵀ/√d + M) − γ·C built densely [B, H, T, T], applied to the heads of x."""
     b, t, _ = x.shape
-    q = attn.rope(attn.proj_q(x).view(b, t, HEADS, HD).transpose(1, 2), segment_pos)
-    k = attn.rope(attn.proj_k(x).view(b, t, attn.kv_heads, HD).transpose(1, 2), segment_pos)
+    q, k = attn.rope.pair(attn.proj_q(x).view(b, t, HEADS, HD).transpose(1, 2),
+                          attn.proj_k(x).view(b, t, attn.kv_heads, HD).transpose(1, 2), segment_pos)
     k = k.repeat_interleave(HEADS // attn.kv_heads, 1)
     doc = torch.cumsum(segment_pos == 0, 1)
     i, j = torch.arange(t)[:, None], torch.arange(t)[None, :]

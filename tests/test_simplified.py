@@ -105,7 +105,7 @@ def test_training_path_matches_explicit_shaped_matrix_in_outputs_and_gradients(m
 
 def test_paper_size_parameter_counts_match_the_reference_arithmetic():
     """Vocab 50,000, 1,024 learned positions, tied head: 166.6M Pre-LN vs 146.0M SAS, −16.2% non-embedding
-    (brief §2.5; Pre-LN 18·(12d² + 2d (Q/K bias) + 2d (norms)) + LayerNorm ln_f; SAS 18·(10d² + 4d + 36 + 3) + d² + 2)."""
+    (Pre-LN 18·(12d² + 2d (Q/K bias) + 2d (norms)) + LayerNorm ln_f; SAS 18·(10d² + 4d + 36 + 3) + d² + 2)."""
     preln = build_model(get_preset("preln-paper"), device="meta")
     sas = build_model(get_preset("sas-paper"), device="meta")
     sas_p = build_model(get_preset("sas-p-paper"), device="meta")
@@ -125,7 +125,7 @@ def test_gains_are_excluded_from_weight_decay():
     gains = [n for n in names if n.rsplit(".", 1)[-1] in ("alpha", "beta", "gamma", "beta_sa", "alpha_ff", "beta_ff")]
     assert len(gains) == 3 * 3 + 3 * 3 + 2  # per block α, β, γ and β_SA, α_FF, β_FF; first-layer α_V, β_V
     assert all(id(names[n]) in no_decay for n in gains)
-    assert id(names["blocks.0.attn.v.weight"]) in decay  # ΔW^V is decayed (brief §3.5)
+    assert id(names["blocks.0.attn.v.weight"]) in decay  # ΔW^V is decayed (App. C)
     assert id(names["embed.weight"]) in decay and id(names["pos_embed.weight"]) in decay
 
 

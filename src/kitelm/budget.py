@@ -33,9 +33,8 @@ class Fit:
 def time_step(trainer) -> tuple[float, float]:
     """(seconds of one optimizer step, seconds of one evaluation batch) of a copy of the trainer's model: the run's
     own model, micro-batch, context, accumulation and dtype; the run's model and optimizer are not touched."""
-    from .experiments.bench.train import training_step
-    from .experiments.machine import median_seconds
     from .precision import autocast
+    from .timing import median_seconds, training_step
 
     tc = trainer.tc
     model = copy.deepcopy(trainer.model).train()

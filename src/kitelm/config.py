@@ -104,6 +104,11 @@ class ModelConfig:
         return self.head_dim if self.head_dim is not None else self.width // self.n_heads
 
     @property
+    def recurrent_width(self) -> int:
+        """The RG-LRU width L (Griffin): `lru_width`, or `width` when it is None."""
+        return self.lru_width or self.width
+
+    @property
     def mlp_width(self) -> int:
         if self.mlp_hidden is not None:
             return self.mlp_hidden

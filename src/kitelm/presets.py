@@ -49,7 +49,7 @@ def preset_rows() -> list[dict]:
 
 # --- baseline transformer -------------------------------------------------------------------------------------
 register_preset(ModelConfig(name="transformer-tiny", width=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=128))
-# The default of `kitelm train`: at ~1.2M parameters it sees ~2.6M tokens in 8 minutes on 2 CPU cores, closer to
+# The default of `kitelm train`: at 1.82M parameters it sees ~2.6M tokens in 8 minutes on 2 CPU cores, closer to
 # compute-optimal (Chinchilla: ~20 tokens per parameter) for that budget than a larger model would be.
 register_preset(ModelConfig(name="transformer-mini", width=192, n_layers=4, n_heads=6, max_seq_len=256))
 # Matched in size (~4.9M) with griffin-small, hawk-small and the *-small simplified presets, for comparisons.
@@ -59,7 +59,7 @@ register_preset(ModelConfig(name="transformer-1b", width=2048, n_layers=16, n_he
                             max_seq_len=2048))
 
 # --- Griffin / Hawk / RecurrentGemma ----------------------------------------------------------------------------
-# Table in docs/griffin.md §1 (GDM recurrentgemma/common.py:46-114). MQA (1 K/V head), head_dim = width / n_heads,
+# GDM recurrentgemma/common.py:46-114. MQA (1 K/V head), head_dim = width / n_heads,
 # n_heads also counts the RG-LRU gate blocks, MLP expansion 3, RoPE on half of each head, (R, R, A) cycled.
 _GRIFFIN = dict(arch="griffin", n_kv_heads=1, mlp="geglu", rope_fraction=0.5, tie_embeddings=True)
 register_preset(ModelConfig(name="griffin-tiny", width=64, n_layers=3, n_heads=4, mlp_hidden=192,
@@ -71,7 +71,7 @@ register_preset(ModelConfig(name="griffin-small", width=256, n_layers=6, n_heads
                             attention_window=128, max_seq_len=256, **_GRIFFIN))
 register_preset(ModelConfig(name="hawk-small", width=256, n_layers=6, n_heads=4, mlp_hidden=768, block_pattern="R",
                             max_seq_len=256, **_GRIFFIN))
-# Griffin-SAS (issue 4 item 6): griffin-tiny / griffin-small with the simplified (shaped, value- and projection-free)
+# Griffin-SAS: griffin-tiny / griffin-small with the simplified (shaped, value- and projection-free)
 # local attention as the A block: each A block drops W_V and W_final (D·hd + D² + D parameters) and adds 3·H gains.
 register_preset(ModelConfig(name="griffin-sas-tiny", width=64, n_layers=3, n_heads=4, mlp_hidden=192,
                             attention_window=16, max_seq_len=128, attention_kind="shaped", **_GRIFFIN))

@@ -6,7 +6,7 @@
 (b) a Hugging Face folder: `config.json` (model_type "recurrent_gemma") + `model.safetensors` or sharded
     `model-XXXXX-of-YYYYY.safetensors` with `model.safetensors.index.json`.
 
-Key maps: docs/griffin.md §5 (GDM ↔ HF ↔ kitelm). Every load is strict: missing, unexpected and mis-shaped tensors
+Key maps (GDM ↔ kitelm, HF ↔ kitelm) are the tables below. Every load is strict: missing, unexpected and mis-shaped tensors
 are listed in one `CheckpointError`.
 """
 
@@ -114,7 +114,8 @@ def gdm_to_kitelm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 # ----------------------------------------------------------------------------------------------------------- HF
 def config_from_hf(data: dict, name: str = "recurrentgemma") -> ModelConfig:
-    """`RecurrentGemmaConfig` fields → ModelConfig. HF's intermediate_size is 2× the MLP width (brief §1); HF always
+    """`RecurrentGemmaConfig` fields → ModelConfig. HF's intermediate_size is 2× the MLP width (its MLP halves it per
+    branch: RecurrentGemmaMlp); HF always
     scales the embedding and soft-caps."""
     if data.get("model_type") != "recurrent_gemma":
         raise CheckpointError(f"config.json has model_type={data.get('model_type')!r}; only 'recurrent_gemma' "
@@ -152,7 +153,7 @@ def hf_to_kitelm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             continue
         elif (m := _BLOCK_KEY.match(key)) and m.group(1) == "layers":
             i, rest = m.group(2), m.group(3)
-            if rest == "temporal_block.conv_1d.weight":  # [L, 1, K] → [K, L], no flip (brief §5)
+            if rest == "temporal_block.conv_1d.weight":  # [L, 1, K] → [K, L]: nn.Conv1d taps run oldest first, as w
                 out[f"blocks.{i}.temporal_block.conv_1d.w"] = value[:, 0, :].T
             else:
                 out[f"blocks.{i}.{_HF_BLOCK.get(rest, rest)}"] = value

@@ -136,9 +136,6 @@ class WindowSampler:
                 for w in map(self._window, range(first, first + self.micro_batch))]
         return torch.from_numpy(np.stack(rows).astype(np.int64))
 
-    def epoch_of(self, step: int) -> float:
-        return step * self.global_batch / self.n_windows
-
 
 def validation_windows(tokens: np.ndarray, seq_len: int, max_tokens: int | None = None) -> torch.Tensor:
     """Consecutive non-overlapping windows `[N, seq_len + 1]` covering the first `max_tokens` validation tokens."""

@@ -47,9 +47,6 @@ class ByteTokenizer:
     def encode(self, text: str) -> list[int]:
         return list(_utf8(text))
 
-    def encode_bytes(self, data: bytes) -> list[int]:
-        return list(data)
-
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
         return bytes(i for i in ids if i < 256)
 

@@ -1,3 +1,3 @@
 """Experiments built on the library and never imported by it: `kitelm bench` (`bench/`), `kitelm study`
 (`study.py`) and `kitelm reproduce` (`reproduce/`), with one settings hierarchy (`settings.py`) and the machine
-probes they share (`machine.py`: allocator, timing, GEMM peak, DRAM bandwidth, description)."""
+probes they share (`machine.py`: allocator, GEMM peaks, DRAM bandwidth, description)."""

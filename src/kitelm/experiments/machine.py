@@ -1,20 +1,18 @@
-"""What a benchmark needs to know about the machine: allocator settings, timing, GEMM peak, DRAM bandwidth,
-and a description (CPU, threads, torch, commit) recorded with every result."""
+"""What a benchmark needs to know about the machine: allocator settings, GEMM peaks, DRAM bandwidth (timed with
+`kitelm.timing`), and a description (CPU, threads, torch, commit) recorded with every result."""
 
 from __future__ import annotations
 
 import os
 import platform
-import statistics
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from ..precision import machine_info, native_bf16
+from ..timing import time_runs
 
 # glibc hands every freed block above 32 MiB back to the OS, so each new big tensor costs page faults and
 # memory-bound CPU code runs slower (benchmarks/NOTES.md, "The allocator trap"). Keep them in the process.
@@ -31,23 +29,6 @@ def reexec_with_allocator_env() -> None:
     if not allocator_configured():
         # orig_argv keeps `-m kitelm` (argv[0] would be the path of __main__.py)
         os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], {**os.environ, **ALLOCATOR_ENV})
-
-
-def time_runs(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> tuple[float, float]:
-    """(median, fastest) wall seconds of fn() over `repeats` runs after `warmup` runs. On a shared machine the
-    fastest run is the best estimate of what the code does alone; the median shows how noisy the machine was."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), min(times)
-
-
-def median_seconds(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> float:
-    return time_runs(fn, repeats, warmup)[0]
 
 
 def measured_peaks() -> dict:

@@ -62,8 +62,8 @@ def cached_keys_and_mask(k: torch.Tensor, v: torch.Tensor, positions: torch.Tens
     mask [B, 1, T, S] and the own-slot matrix [T, S] (True where a key is the query's own token)."""
     if cache is not None and k.shape[2] == 1:  # decoding: the query sits in the last slot and sees every real key
         k, v, k_pos = cache.append(k, v, positions)
-        own = torch.arange(k.shape[2], device=k.device) == k.shape[2] - 1
-        return k, v, ((k_pos >= 0) | own)[:, None, None], own[None]
+        identity = torch.arange(k.shape[2], device=k.device) == k.shape[2] - 1
+        return k, v, ((k_pos >= 0) | identity)[:, None, None], identity[None]
     start = cache.length if cache is not None else 0
     q_slot = torch.arange(start, start + k.shape[2], device=k.device)
     k_pos = positions

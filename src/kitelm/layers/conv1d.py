@@ -29,6 +29,8 @@ class Conv1D(nn.Module):
 
     def __init__(self, width: int, temporal_width: int = 4):
         super().__init__()
+        if temporal_width < 2:
+            raise ValueError(f"temporal_width={temporal_width} must be >= 2: the state keeps the last K−1 inputs")
         self.temporal_width = temporal_width
         self.w = nn.Parameter(torch.empty(temporal_width, width))
         self.b = nn.Parameter(torch.empty(width))

@@ -22,7 +22,6 @@ class MLP(nn.Module):
 
     def __init__(self, width: int, hidden: int, kind: str = "geglu", bias: bool = False):
         super().__init__()
-        self.kind = kind
         self.act = ACTIVATIONS[kind]
         self.gate = Linear(width, hidden, bias=bias) if kind in GATED else None
         self.up = Linear(width, hidden, bias=bias)

@@ -17,12 +17,9 @@ class RotaryEmbedding(nn.Module):
         self.rotated = int(head_dim * fraction)
         self.base = base
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """x: [B, H, T, hd]; positions: [B, T] absolute positions (negative = padding, treated as 0)."""
-        return self.rotate(x, *self.cos_sin(positions, x.dtype))
-
     def pair(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rotate queries and keys [B, H, T, hd] at the same positions, computing cos and sin once."""
+        """Rotate queries and keys [B, H, T, hd] at positions [B, T] (negative = padding, treated as 0), computing cos
+        and sin once."""
         cos, sin = self.cos_sin(positions, q.dtype)
         return self.rotate(q, cos, sin), self.rotate(k, cos, sin)
 

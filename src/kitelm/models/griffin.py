@@ -6,7 +6,7 @@
 
 Deltas from the baseline transformer (`transformer.py`):
 - the temporal block cycles through `block_pattern`: R = recurrent block, A = local MQA (`layers/local_attention.py`);
-  Hawk is "R" only. With `attention_kind="shaped"` (Griffin-SAS, issue 4 item 6) A is instead the local shaped
+  Hawk is "R" only. With `attention_kind="shaped"` (Griffin-SAS) A is instead the local shaped
   attention of He & Hofmann 2023 (`layers/shaped_attention.py` LocalShapedAttention): α·I + β·softmax(QKᵀ/√d + M) − γ·C
   over the window, identity values and no output projection, so the block is the identity of its input at init.
   Recurrent block (`layers/recurrent.py`, GDM torch/modules.py:496-680):
@@ -16,7 +16,7 @@ Deltas from the baseline transformer (`transformer.py`):
 - the input embedding scale √D is rounded to bfloat16 (√2560 → 50.5; GDM torch/modules.py:994-998);
 - a bounded inference state per layer: Conv1D state + float32 RG-LRU state, or a ring KV cache of `window` slots.
 
-Init follows GDM (torch/griffin.py:70, brief §6): output projections use variance scale 2/layers over their fan-in.
+Init follows GDM (torch/griffin.py:70): output projections use variance scale 2/layers over their fan-in.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ class ResidualBlock(nn.Module):
         self.kind = kind
         self.temporal_pre_norm = RMSNorm(c.width, c.norm_eps, unit_offset=True)
         if kind == "recurrent":
-            self.temporal_block = RecurrentBlock(c.width, c.lru_width or c.width, c.n_heads, c.conv_width,
+            self.temporal_block = RecurrentBlock(c.width, c.recurrent_width, c.n_heads, c.conv_width,
                                                  final_var_scale)
         elif c.attention_kind == "shaped":
             self.temporal_block = LocalShapedAttention(c.width, c.n_heads, c.kv_heads, c.dim_per_head,
@@ -96,13 +96,14 @@ class Griffin(LanguageModel):
     def validate_config(config, need) -> None:
         need(bool(config.block_pattern) and set(config.block_pattern) <= set(BLOCK_KINDS),
              f"block_pattern={config.block_pattern!r} must be a non-empty string of R (recurrent) and A (attention)")
-        lru = config.lru_width or config.width
+        lru = config.recurrent_width
         need(isinstance(lru, int) and lru > 0, f"lru_width={config.lru_width!r} must be a positive integer")
         need(lru % config.n_heads == 0,
              f"n_heads={config.n_heads} (the RG-LRU gate blocks) does not divide lru_width={lru}")
         need(config.mlp in ("geglu", "swiglu"), f"mlp={config.mlp!r}: Griffin uses a gated MLP (geglu)")
-        need(isinstance(config.conv_width, int) and config.conv_width >= 1,
-             f"conv_width={config.conv_width!r} must be a positive integer")
+        need(isinstance(config.conv_width, int) and config.conv_width >= 2,
+             f"conv_width={config.conv_width!r} must be an integer >= 2 (the Conv1D state keeps the last "
+             "conv_width - 1 inputs)")
         need(isinstance(config.attention_window, int) and config.attention_window >= 1,
              f"attention_window={config.attention_window!r} must be a positive integer")
         need(config.attention_kind in ATTENTION_KINDS,

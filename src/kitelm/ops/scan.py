@@ -12,10 +12,10 @@ The backward pass of every backend is the reverse scan (g_t = dL/dh_t through th
 Backends (`linear_scan(..., backend=...)`), all differentiable wrt a, x and h0:
   * "cpp": a C++ extension (csrc/linear_scan.cpp), sequential over T, vectorised over D, parallel over batch rows.
     Built on first use (`extension.py`: about 45 s cold, then cached).
-    It runs at about 90 % of the DRAM-bandwidth floor on the 2-core dev VM; see benchmarks/NOTES.md.
+    Its speed against the DRAM-bandwidth floor: benchmarks/NOTES.md.
   * "triton": Triton kernels (`triton_scan.py`), the same sequential-over-T, parallel-over-(B, D) scan for GPUs.
     Needs the `triton` package; on CPU only under Triton's interpreter (TRITON_INTERPRET=1), which the tests use.
-    Written and tested in interpreter mode only: no GPU was available to time it.
+    Tested in interpreter mode (tests/test_scan.py); its GPU speed is not measured here.
   * "chunked": pure torch, chunks of 64 steps scanned in parallel, then a short scan over chunk boundaries, with a
     hand-written reverse-scan backward. The fallback when there is no compiler, and on GPU without Triton.
   * "ref": `linear_scan_ref`, the plain loop over time (in the accumulation dtype).

@@ -38,7 +38,7 @@ def peer_for(config) -> tuple[str, torch.nn.Module] | None:
         hf = RecurrentGemmaConfig(num_hidden_layers=config.n_layers, vocab_size=config.vocab_size,
                                   hidden_size=config.width, intermediate_size=2 * config.mlp_width,
                                   num_attention_heads=config.n_heads, num_key_value_heads=config.kv_heads,
-                                  lru_width=config.lru_width or config.width,
+                                  lru_width=config.recurrent_width,
                                   attention_window_size=config.attention_window, conv1d_width=config.conv_width,
                                   logits_soft_cap=config.logit_softcap or 1e9,  # HF always caps; 1e9 ≈ none
                                   rms_norm_eps=config.norm_eps,

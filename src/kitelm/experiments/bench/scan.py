@@ -15,7 +15,8 @@ import torch
 
 from ...ops.scan import available_backends, linear_scan
 from ...plotting import saved_figure
-from ..machine import dram_bandwidth, time_runs
+from ...timing import time_runs
+from ..machine import dram_bandwidth
 
 FWD_BYTES_PER_ELEM = 12  # fp32: read a, x; write h
 FWD_BWD_BYTES_PER_ELEM = 32  # + backward: read a, h, dh; write da, dx

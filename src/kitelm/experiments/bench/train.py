@@ -5,37 +5,16 @@ same configuration and dtype."""
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from ...presets import get_preset
 from ...models import build_model
-from ...precision import autocast
-from ..machine import median_seconds
+from ...timing import median_seconds, training_step
 from .peers import peer_for
 
 NOTE = ("One AdamW step (forward + backward + update) on random tokens, matrix products in the compute dtype "
         "(bf16 autocast where native); MFU = tokens/s × model FLOPs per token (6·N + attention, kitelm's count for "
         "both implementations) ÷ the measured GEMM peak of that dtype.")
 NEEDS_GEMM_PEAK = True  # `run_bench` measures the GEMM peak first (recorded with the machine)
-
-
-def training_step(model, batch: torch.Tensor, hf: bool = False, dtype: torch.dtype = torch.float32):
-    """A function running one AdamW step of `model` on `batch [B, T+1]` (next-token loss; `hf`: a transformers
-    model), matrix products in `dtype` under autocast."""
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
-
-    def step():
-        with autocast(dtype):
-            if hf:
-                logits = model(input_ids=batch[:, :-1], use_cache=False).logits
-            else:
-                logits = model(batch[:, :-1])
-            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), batch[:, 1:].reshape(-1))
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    return step
 
 
 def run(settings, machine: dict, log) -> list[dict]:

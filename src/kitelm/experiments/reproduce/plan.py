@@ -14,8 +14,7 @@ from ...errors import KitelmError
 from ...models import build_model
 from ...precision import resolve_dtype
 from ...presets import get_preset
-from ..bench.train import training_step
-from ..machine import median_seconds
+from ...timing import median_seconds, training_step
 from ..settings import DEFAULT_STEPS, ReproduceScale
 
 REFERENCE_MINUTES = 60.0
