@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from .data.dataset import validation_windows
 from .errors import KitelmError
+from .plotting import saved_figure, smoothed
 from .precision import autocast, dtype_name, machine_info, resolve_dtype
 from .resources import writable_folder
 
@@ -171,24 +172,13 @@ def loss_by_position(model, tokens: np.ndarray, length: int, max_windows: int = 
 
 
 def _plot_positions(curve: np.ndarray, train_len: int, path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    smooth = max(1, len(curve) // 64)
-    xs = np.arange(len(curve))
-    ys = np.convolve(curve, np.ones(smooth) / smooth, mode="same")
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    ax.plot(xs, ys, lw=1.2)
-    ax.axvline(train_len, color="k", ls="--", lw=1, label=f"training length {train_len}")
-    ax.set(xlabel="position in context (tokens)", ylabel="loss (nats/token)", title=title)
-    ax.set_ylim(top=float(np.percentile(ys, 99)) * 1.05)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    """Loss by position (`plotting.smoothed`), the training length marked."""
+    xs, ys = smoothed(curve)
+    with saved_figure(path) as (ax,):
+        ax.plot(xs, ys, lw=1.2)
+        ax.axvline(train_len, color="k", ls="--", lw=1, label=f"training length {train_len}")
+        ax.set(xlabel="position in context (tokens)", ylabel="loss (nats/token)", title=title)
+        ax.set_ylim(top=float(np.percentile(ys, 99)) * 1.05)
 
 
 def default_eval_folder(checkpoint: Path) -> Path:

@@ -11,7 +11,7 @@ from torch import nn
 
 from ..errors import KitelmError
 from .linear import Linear
-from .rope import RotaryEmbedding
+from .rope import RotaryEmbedding, default_positions
 from .state import LayerState
 
 
@@ -98,7 +98,7 @@ class Attention(nn.Module):
         v = self.v(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
         plain = positions is None
         if plain:
-            positions = torch.arange(t, device=x.device).expand(b, t)
+            positions = default_positions(b, t, x.device)
         q, k = self.rope.pair(q, k, positions)
         if cache is None and plain:  # training fast path: no padding, standard causal mask
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.kv_heads != self.n_heads)

@@ -11,6 +11,11 @@ import torch
 from torch import nn
 
 
+def default_positions(batch: int, length: int, device: torch.device) -> torch.Tensor:
+    """positions [B, T] = 0..T−1 in every row: one unpadded document per row (a forward without `positions`)."""
+    return torch.arange(length, device=device).expand(batch, length)
+
+
 class RotaryEmbedding(nn.Module):
     def __init__(self, head_dim: int, base: float = 10_000.0, fraction: float = 1.0):
         super().__init__()

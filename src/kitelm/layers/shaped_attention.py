@@ -36,7 +36,7 @@ from torch import nn
 from .attention import KVCache, cached_keys_and_mask
 from .linear import Linear
 from .local_attention import RingKVCache, local_attend
-from .rope import RotaryEmbedding
+from .rope import RotaryEmbedding, default_positions
 
 ATTENTION_MATRICES = ("softmax", "shaped", "skipinit")
 VALUE_PROJECTIONS = ("linear", "orthogonal", "identity")
@@ -128,7 +128,7 @@ class ShapedAttention(nn.Module):
         v = self._heads(self.v(x) if self.v is not None else x)
         plain = positions is None
         if self.rope is not None:
-            pos = torch.arange(t, device=x.device).expand(b, t) if plain else positions
+            pos = default_positions(b, t, x.device) if plain else positions
             q, k = self.rope.pair(q, k, pos)
         if cache is None and plain:
             y = self._causal(q, k, v)

@@ -97,7 +97,10 @@ class LanguageModel(nn.Module):
         return 6 * n + self.attention_flops_per_token(seq_len)
 
     def attention_flops_per_token(self, seq_len: int) -> float:
-        return 0.0
+        """Global causal attention in every layer (Griffin overrides it): scores and weighted sum, 2 matmuls ·
+        2 FLOPs · (causal average seq_len/2) · heads · hd, ×3 for the backward pass."""
+        c = self.config
+        return 6 * 2 * c.n_layers * c.n_heads * c.dim_per_head * seq_len / 2
 
     def weight_decay_groups(self, weight_decay: float) -> list[dict]:
         """AdamW groups: matrices decay; vectors and scalars (norm gains, biases, block gains) do not.

@@ -30,6 +30,7 @@ from ..layers.local_attention import LocalAttention
 from ..layers.mlp import MLP
 from ..layers.norms import RMSNorm
 from ..layers.recurrent import RecurrentBlock
+from ..layers.rope import default_positions
 from ..layers.shaped_attention import LocalShapedAttention
 from .base import LanguageModel
 
@@ -67,7 +68,7 @@ class ResidualBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor | None, state) -> torch.Tensor:
         if positions is None:
-            positions = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
+            positions = default_positions(x.shape[0], x.shape[1], x.device)
         r = x + self.temporal_block(self.temporal_pre_norm(x), positions, state)
         return r + self.mlp(self.channel_pre_norm(r))
 

@@ -175,8 +175,3 @@ class SimplifiedTransformer(LanguageModel):
         """As `LanguageModel.num_params`; non-embedding also leaves out the learned position table."""
         n = super().num_params(non_embedding)
         return n - self.pos_embed.weight.numel() if non_embedding and self.pos_embed is not None else n
-
-    def attention_flops_per_token(self, seq_len: int) -> float:
-        """Scores and weighted sum: 2 matmuls · 2 FLOPs · (causal average seq_len/2) · heads · hd, ×3 for backward."""
-        c = self.config
-        return 6 * 2 * c.n_layers * c.n_heads * c.dim_per_head * seq_len / 2

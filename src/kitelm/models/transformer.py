@@ -42,8 +42,3 @@ class Transformer(LanguageModel):
         self.blocks = nn.ModuleList(TransformerBlock(config, rope) for _ in range(config.n_layers))
         self.norm = RMSNorm(config.width, config.norm_eps)
         init_linear_(self, config.init_std, residual_std(config))
-
-    def attention_flops_per_token(self, seq_len: int) -> float:
-        """Scores and weighted sum: 2 matmuls · 2 FLOPs · (causal average seq_len/2) · heads · hd, ×3 for backward."""
-        c = self.config
-        return 6 * 2 * c.n_layers * c.n_heads * c.dim_per_head * seq_len / 2

@@ -30,6 +30,7 @@ from ..data.tokenizer import TaskTokenizer
 from ..errors import CheckpointError, ConfigError, KitelmError
 from ..evaluation import evaluate, lm_loss
 from ..models import build_model
+from ..plotting import saved_figure
 from ..precision import autocast, dtype_name, machine_info, resolve_dtype
 from ..resources import check_fits, training_bytes, writable_folder
 from . import distributed
@@ -49,24 +50,14 @@ def _write_metrics(path: Path, rows: list[dict]) -> None:
 
 def plot_losses(rows: list[dict], path: Path, title: str) -> None:
     """Train and validation loss vs step, saved as PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
     val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    if train:
-        ax.plot(*zip(*train), label="train", lw=1)
-    if val:
-        ax.plot(*zip(*val), "o-", label="validation", lw=1.5)
-    ax.set(xlabel="step", ylabel="loss (nats/token)", title=title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with saved_figure(path) as (ax,):
+        if train:
+            ax.plot(*zip(*train), label="train", lw=1)
+        if val:
+            ax.plot(*zip(*val), "o-", label="validation", lw=1.5)
+        ax.set(xlabel="step", ylabel="loss (nats/token)", title=title)
 
 
 class Trainer:
