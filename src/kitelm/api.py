@@ -46,10 +46,14 @@ class LM:
         """Yield, per step, the newly completed text of every prompt (multi-byte characters are held back until
         complete)."""
         batch = [prompts] if isinstance(prompts, str) else list(prompts)
-        generated: list[list[int]] = [[] for _ in batch]
-        shown = [""] * len(batch)
-        finished = [False] * len(batch)
-        for step in self.generate_ids([self.encode(p) for p in batch], **kwargs):
+        return self.stream_ids([self.encode(p) for p in batch], **kwargs)
+
+    def stream_ids(self, prompts: list[list[int]], **kwargs) -> Iterator[list[str]]:
+        """`stream` for prompts given as token ids (`generate_ids`' arguments); a row's text ends at EOS."""
+        generated: list[list[int]] = [[] for _ in prompts]
+        shown = [""] * len(prompts)
+        finished = [False] * len(prompts)
+        for step in self.generate_ids(prompts, **kwargs):
             pieces = []
             for i, tok in enumerate(step.tolist()):
                 if finished[i] or tok == self.tokenizer.eos_id:

@@ -139,21 +139,15 @@ class KitelmLM(LM):
 
     def _generate(self, prompts: list[list[int]], until: list[str], max_new: int, temperature: float,
                   top_k: int | None, top_p: float | None) -> list[str]:
-        """Decode `prompts` together; each text stops before its first `until` string or at EOS."""
-        eos = self.lm.tokenizer.eos_id
-        ids: list[list[int]] = [[] for _ in prompts]
+        """Decode `prompts` together (`kitelm.LM.stream_ids`); each text stops before its first `until` string or at
+        EOS."""
         texts, stopped = [""] * len(prompts), [False] * len(prompts)
-        for step in self.lm.generate_ids(prompts, max_new_tokens=max_new, temperature=temperature, top_k=top_k,
+        for pieces in self.lm.stream_ids(prompts, max_new_tokens=max_new, temperature=temperature, top_k=top_k,
                                          top_p=top_p, seed=0):
-            for r, tok in enumerate(step.tolist()):
-                if stopped[r]:
-                    continue
-                if tok == eos:
-                    stopped[r] = True
-                    continue
-                ids[r].append(tok)
-                texts[r] = self.lm.tokenizer.decode(ids[r])
-                stopped[r] = any(s in texts[r] for s in until)
+            for r, piece in enumerate(pieces):
+                if not stopped[r]:
+                    texts[r] += piece
+                    stopped[r] = any(s in texts[r] for s in until)
             if all(stopped):
                 break
         for r, text in enumerate(texts):
