@@ -257,7 +257,8 @@ def quantize_checkpoint(src: str | Path, out: str | Path, spec: QuantSpec, token
                           f"tensor in flight) but {available / 2**30:.1f} GiB is available; free memory or choose a "
                           "smaller format")
     say = log or (lambda _: None)
-    say(f"quantizing {src} ({config.name}) to {spec.weights} (group {spec.group_size or 'per channel'}, embedding "
+    group = "" if spec.weights == "bf16" else f"group {spec.group_size or 'per channel'}, "
+    say(f"quantizing {src} ({config.name}) to {spec.weights} ({group}embedding "
         f"{'quantized' if spec.embedding else 'kept in fp32'}): about {need_out / 2**30:.2f} GiB out")
     from ..ops.quant import quantize
 
