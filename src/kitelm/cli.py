@@ -287,6 +287,15 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from .convert.export_hf import export_hf
+    from .precision import resolve_dtype
+
+    out = export_hf(args.checkpoint, args.out, dtype=resolve_dtype(args.dtype))
+    print(f"wrote transformers RecurrentGemmaForCausalLM folder {out}")
+    return 0
+
+
 def _add_weight_args(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--weights", required=required, choices=("bf16", "int8", "int4") if required else
                    ("fp32", "bf16", "int8", "int4"), help="stored weight format of every Linear layer (norms, biases "
@@ -413,6 +422,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", help="SentencePiece tokenizer.model (default: the one beside SRC)")
     _add_weight_args(p, required=False)
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("export", help="write a Griffin/Hawk/RecurrentGemma checkpoint as a transformers "
+                       "RecurrentGemmaForCausalLM folder")
+    p.add_argument("checkpoint", help="kitelm run folder or checkpoint folder (full precision)")
+    p.add_argument("--format", required=True, choices=("hf",), help="hf: transformers RecurrentGemmaForCausalLM")
+    p.add_argument("--out", required=True, help="new folder to write")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="stored weights (default "
+                   "float32)")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("quantize", help="store a checkpoint's weights as bf16, int8 or int4 (kitelm checkpoint, "
                        "RecurrentGemma HF folder or official state dict; streamed tensor by tensor)")
