@@ -37,7 +37,7 @@ def test_a_second_writer_is_refused_with_the_holders_pid(corpus_dir, tmp_path):
 
 def test_a_lock_left_by_a_killed_process_is_taken_over(corpus_dir, tmp_path):
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
-                               "from kitelm.train.run_folder import RunLock; RunLock(Path(sys.argv[1])); "
+                               "from kitelm.train.run_folder import RunLock; lock = RunLock(Path(sys.argv[1])); "
                                "print('locked', flush=True); time.sleep(60)", str(tmp_path)],
                               stdout=subprocess.PIPE, text=True)
     try:

@@ -33,6 +33,7 @@ class RunLock:
         except BlockingIOError:
             holder = os.pread(self._fd, 200, 0).decode(errors="replace").strip() or "another process"
             os.close(self._fd)
+            self._fd = None
             raise KitelmError(f"{folder} is in use by another kitelm training run ({holder}); wait for it to "
                               "finish or choose another --out") from None
         os.ftruncate(self._fd, 0)
