@@ -140,18 +140,16 @@ def _tiled_linear(x: Tensor, storage: Tensor, scales: Tensor | None, bias: Tenso
                   kernels: ModuleType | None) -> Tensor:
     """Above 8 rows (or without the extension): tiles of output rows dequantized into the compute dtype, then GEMM."""
     compute = gemm_dtype(x)
-    xc = x.to(compute)
-    out = storage.shape[0]
-    inp = x.shape[-1]
+    out, inp = storage.shape[0], x.shape[-1]
+    xt = x.reshape(-1, inp).to(compute).T  # [in, rows]
+    yt = torch.empty(out, xt.shape[1], dtype=compute, device=x.device)  # yᵀ: each tile's rows are one contiguous slice
     step = max(1, TILE_ELEMENTS // max(inp, 1))
-    pieces = []
     for r0 in range(0, out, step):
         r1 = min(out, r0 + step)
         tile = _dequantize_tile(storage[r0:r1], None if scales is None else scales[r0:r1], fmt, group, inp, compute,
                                 kernels)
-        pieces.append(F.linear(xc, tile))
-    y = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=-1)
-    y = y.to(x.dtype)
+        torch.mm(tile, xt, out=yt[r0:r1])
+    y = yt.T.to(x.dtype).reshape(*x.shape[:-1], out)
     return y if bias is None else y + bias.to(x.dtype)
 
 
