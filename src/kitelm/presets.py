@@ -66,6 +66,9 @@ register_preset(ModelConfig(name="griffin-tiny", width=64, n_layers=3, n_heads=4
                             attention_window=16, max_seq_len=128, **_GRIFFIN))
 register_preset(ModelConfig(name="hawk-tiny", width=64, n_layers=2, n_heads=4, mlp_hidden=192, block_pattern="R",
                             max_seq_len=128, **_GRIFFIN))
+# Transformer-mini's size and step time (1.87M parameters; issue 13): width 192, 4 layers (R, R, A, R), MLP 3·width.
+register_preset(ModelConfig(name="griffin-mini", width=192, n_layers=4, n_heads=4, mlp_hidden=576,
+                            attention_window=128, max_seq_len=256, **_GRIFFIN))
 # Comparable to transformer-small (width 256, 6 layers, 256-token context): trains on 2 CPU cores.
 register_preset(ModelConfig(name="griffin-small", width=256, n_layers=6, n_heads=4, mlp_hidden=768,
                             attention_window=128, max_seq_len=256, **_GRIFFIN))
