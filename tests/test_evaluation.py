@@ -66,3 +66,15 @@ def test_whole_split_and_slice_come_from_one_pass(corpus_dir):
     assert abs(whole["loss"] - total / count) <= fp32_tolerance(16 * seq_len) * whole["loss"]
     w = both["whole"]
     assert math.isclose(w["bits_per_byte"], w["loss"] * w["tokens"] / (math.log(2) * w["bytes"]), rel_tol=1e-12)
+
+
+def test_report_skips_what_a_large_corpus_would_make_slow(corpus_dir, tmp_path, capsys, monkeypatch):
+    from kitelm.cli import main
+
+    monkeypatch.setattr(evaluation, "XZ_CONTEXT_MAX", 100)  # the fixture's training split is "too large" for xz
+    monkeypatch.setattr(evaluation, "WHOLE_SPLIT_MAX_TOKENS", 100)
+    assert main(["train", "--data", str(corpus_dir), "--out", str(tmp_path), "--model", "transformer-tiny", "--steps",
+                 "2", "--batch-size", "4", "--seq-len", "32", "--final-eval-tokens", "512", "--no-sample"]) == 0
+    out = capsys.readouterr().out
+    assert "validation, first" in out and "xz -9 " in out
+    assert "given the training split" not in out and "whole split" not in out

@@ -118,14 +118,15 @@ def _fit_to_minutes(trainer, args) -> None:
     """Set the run's steps (and a warmup of at most a tenth of them) from a few timed steps so that the whole command
     fits `--minutes`; says so, or why the budget is too small, before training."""
     from .budget import fit_steps, time_step
-    from .evaluation import xz_cache_path
+    from .evaluation import XZ_CONTEXT_MAX, xz_cache_path
 
     tc = trainer.tc
     step_s, eval_batch_s = time_step(trainer)
     if tc.task is None:
         final_windows = (len(trainer.data.validation) - 1) // tc.seq_len
         train_text = trainer.corpus.text("train").encode("utf-8", "replace")  # the report compresses it 3×
-        xz_bytes = 0 if xz_cache_path(train_text).exists() else 3 * len(train_text)
+        uncached = len(train_text) <= XZ_CONTEXT_MAX and not xz_cache_path(train_text).exists()
+        xz_bytes = 3 * len(train_text) if uncached else 0
         sample = not args.no_sample
     else:
         final_windows, xz_bytes, sample = 0, 0, False
@@ -140,7 +141,7 @@ def _fit_to_minutes(trainer, args) -> None:
 
 def _train_and_report(trainer, args) -> int:
     from .api import LM
-    from .evaluation import XZ_GIVEN, evaluate_bits_per_byte
+    from .evaluation import WHOLE_SPLIT_MAX_TOKENS, XZ_CONTEXT_MAX, XZ_GIVEN, evaluate_bits_per_byte
     from .precision import dtype_name
 
     tc, m, say = trainer.tc, trainer.model, trainer.log  # `say` prints on rank 0 only
@@ -157,14 +158,15 @@ def _train_and_report(trainer, args) -> int:
         return 0
     train_text = trainer.corpus.text("train").encode("utf-8", "replace")  # xz -9 given it: the compressor's best
     report = evaluate_bits_per_byte(trainer.wrapped, trainer.data.validation, trainer.tokenizer, tc.seq_len,
-                                    args.final_eval_tokens, tc.batch_size, trainer.compute_dtype, context=train_text,
-                                    whole_split=True)
+                                    args.final_eval_tokens, tc.batch_size, trainer.compute_dtype,
+                                    context=train_text if len(train_text) <= XZ_CONTEXT_MAX else None,
+                                    whole_split=len(trainer.data.validation) <= WHOLE_SPLIT_MAX_TOKENS)
     say("")
-    for label, r in (("first", report), ("whole split,", report["whole"])):
-        if label == "first" or r["bytes"] > report["bytes"]:
+    for label, r in (("first", report), ("whole split,", report.get("whole"))):
+        if r is not None and (label == "first" or r["bytes"] > report["bytes"]):
+            given = f" | xz -9 given the training split {r[XZ_GIVEN]:.3f}" if XZ_GIVEN in r else ""
             say(f"validation, {label} {r['bytes']:,} bytes: loss {r['loss']:.4f} nats/token, {r['bits_per_byte']:.3f} "
-                f"bits/byte | gzip -9 {r['gzip -9']:.3f} | xz -9 {r['xz -9']:.3f} | xz -9 given the training split "
-                f"{r[XZ_GIVEN]:.3f}")
+                f"bits/byte | gzip -9 {r['gzip -9']:.3f} | xz -9 {r['xz -9']:.3f}{given}")
     say(f"checkpoint: {result['checkpoint']}  ({result['elapsed_s']:.0f} s training)")
     if not args.no_sample and trainer.dist.mode is None:
         lm = LM(m, trainer.tokenizer)

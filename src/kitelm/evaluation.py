@@ -61,7 +61,10 @@ def evaluate(model, windows: torch.Tensor, batch_size: int = 16, mask: torch.Ten
 
 
 XZ_GIVEN = "xz -9 given train"
-CACHED_XZ_BYTES = 1 << 20  # xz sizes of inputs at least this long are cached (xz -9 runs at ~1.3 MB/s on 2 cores)
+CACHED_XZ_BYTES = 1 << 20  # xz sizes of inputs at least this long are cached (xz -9 runs at ~1.3 MB/s per thread)
+XZ_CONTEXT_MAX = 48 << 20  # a longer training split gets no "given train" figure: xz -9 sees only its last 64 MiB,
+#                            and each of its compressions would take over 40 s
+WHOLE_SPLIT_MAX_TOKENS = 1 << 21  # the report evaluates the whole validation split up to this many tokens
 
 
 def xz_cache_path(data: bytes) -> Path:
