@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 
 from ..errors import KitelmError
-from .recurrentgemma import _HF_BLOCK, _BLOCK_KEY
+from .recurrentgemma import BLOCK_KEY, HF_BLOCK_KEYS
 
-_KITELM_TO_HF = {v: k for k, v in _HF_BLOCK.items()}
+_KITELM_TO_HF = {v: k for k, v in HF_BLOCK_KEYS.items()}
 _KINDS = {"R": "recurrent", "A": "attention"}
 
 
@@ -56,7 +56,7 @@ def kitelm_to_hf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             out["model.embed_tokens.weight"] = value
         elif key == "norm.weight":
             out["model.final_norm.weight"] = value
-        elif (m := _BLOCK_KEY.match(key)) and m.group(1) == "blocks":
+        elif (m := BLOCK_KEY.match(key)) and m.group(1) == "blocks":
             i, rest = m.group(2), m.group(3)
             if rest == "temporal_block.conv_1d.w":  # [K, L] → [L, 1, K]
                 out[f"model.layers.{i}.temporal_block.conv_1d.weight"] = value.T[:, None, :].contiguous()

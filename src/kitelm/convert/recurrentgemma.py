@@ -41,7 +41,7 @@ _GDM_BLOCK = {
         "proj_q.weight", "proj_k.weight", "proj_v.weight", "proj_final.weight", "proj_final.bias")},
 }
 # HF key (after `model.layers.{i}.`) → kitelm key; `conv_1d.weight` [L, 1, K] is transposed by hand to [K, L].
-_HF_BLOCK = {
+HF_BLOCK_KEYS = {
     "temporal_pre_norm.weight": "temporal_pre_norm.weight",
     "channel_pre_norm.weight": "channel_pre_norm.weight",
     **{f"mlp_block.{n}_proj.{p}": f"mlp.{n}.{p}" for n in ("gate", "up", "down") for p in ("weight", "bias")},
@@ -60,7 +60,7 @@ _HF_BLOCK = {
     "temporal_block.o_proj.weight": "temporal_block.proj_final.weight",
     "temporal_block.o_proj.bias": "temporal_block.proj_final.bias",
 }
-_BLOCK_KEY = re.compile(r"^(?:model\.)?(blocks|layers)\.(\d+)\.(.+)$")
+BLOCK_KEY = re.compile(r"^(?:model\.)?(blocks|layers)\.(\d+)\.(.+)$")
 
 
 # ---------------------------------------------------------------------------------------------------------- GDM
@@ -71,7 +71,7 @@ def config_from_gdm_state(state: dict[str, torch.Tensor], name: str = "recurrent
         raise CheckpointError("not an official RecurrentGemma/Griffin state dict: no 'embedder.input_embedding' or "
                               f"'blocks.*' tensors (found e.g. {sorted(state)[:3]})")
     vocab, width = state["embedder.input_embedding"].shape
-    n_layers = 1 + max(int(m.group(2)) for k in state if (m := _BLOCK_KEY.match(k)))
+    n_layers = 1 + max(int(m.group(2)) for k in state if (m := BLOCK_KEY.match(k)))
     kinds = ["R" if f"blocks.{i}.recurrent_block.linear_x.weight" in state else "A" for i in range(n_layers)]
     recurrent = kinds.index("R") if "R" in kinds else None
     attention = kinds.index("A") if "A" in kinds else None
@@ -99,7 +99,7 @@ def gdm_to_kitelm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             out["embed.weight"] = value
         elif key == "final_norm.scale":
             out["norm.weight"] = value
-        elif (m := _BLOCK_KEY.match(key)) and m.group(1) == "blocks":
+        elif (m := BLOCK_KEY.match(key)) and m.group(1) == "blocks":
             i, rest = m.group(2), m.group(3)
             if rest == "mlp_block.ffw_up.w":  # [2, D, M]: branch 0 is the GeLU gate (GDM torch/modules.py:735)
                 out[f"blocks.{i}.mlp.gate.weight"], out[f"blocks.{i}.mlp.up.weight"] = value[0].T, value[1].T
@@ -151,12 +151,12 @@ def hf_to_kitelm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             out["norm.weight"] = value
         elif key == "lm_head.weight":
             continue
-        elif (m := _BLOCK_KEY.match(key)) and m.group(1) == "layers":
+        elif (m := BLOCK_KEY.match(key)) and m.group(1) == "layers":
             i, rest = m.group(2), m.group(3)
             if rest == "temporal_block.conv_1d.weight":  # [L, 1, K] → [K, L]: nn.Conv1d taps run oldest first, as w
                 out[f"blocks.{i}.temporal_block.conv_1d.w"] = value[:, 0, :].T
             else:
-                out[f"blocks.{i}.{_HF_BLOCK.get(rest, rest)}"] = value
+                out[f"blocks.{i}.{HF_BLOCK_KEYS.get(rest, rest)}"] = value
         else:
             out[key] = value
     return {k: v.contiguous() for k, v in out.items()}
