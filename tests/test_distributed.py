@@ -26,8 +26,10 @@ def trajectory_tolerance(name: str) -> float:
 
 
 def _config(corpus_dir, out, **kw):
+    """float32 named explicitly: the spawned workers do not see conftest's fp32 default for `auto`."""
     return TrainConfig(out_dir=str(out), data=str(corpus_dir), steps=STEPS, batch_size=4, grad_accum=2, seq_len=32,
-                       lr=3e-3, warmup_steps=2, eval_every=100, eval_tokens=256, save_every=100, log_every=1, **kw)
+                       lr=3e-3, warmup_steps=2, eval_every=100, eval_tokens=256, save_every=100, log_every=1,
+                       dtype="float32", **kw)
 
 
 def _losses(out):
