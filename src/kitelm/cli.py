@@ -17,7 +17,7 @@ from .errors import KitelmError
 from .precision import DTYPES
 from .resources import writable_folder
 
-DEFAULT_MODEL = "transformer-mini"
+DEFAULT_MODEL = "griffin-mini"
 LONG_PROMPT = 8192  # tokens; `generate` announces the prefill of a longer prompt
 DTYPE_HELP = ("compute dtype: auto (default) = bfloat16 where the CPU has native bf16 (AVX512-BF16 / AMX) or the GPU "
               "supports it, float32 elsewhere")
@@ -389,7 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_command = sub.add_parser
     sub.add_parser = lambda *a, **kw: add_command(*a, parents=[common], **kw)  # every command takes the common flags
 
-    p = sub.add_parser("train", help="train a model (default: transformer-mini on the Python standard library)")
+    p = sub.add_parser("train", help="train a model (default: griffin-mini on the Python standard library)")
     _add_train_args(p)
     p.set_defaults(func=cmd_train)
 

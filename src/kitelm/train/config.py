@@ -17,8 +17,9 @@ class TrainConfig:
     data: str | None = None  # None = the Python standard library corpus
     task: str | None = None  # a synthetic task (kitelm.data.tasks) instead of a corpus
     tokenizer: str = "byte"  # byte | bpe:N
-    # The defaults are the main job (`kitelm train`): transformer-mini, ~8 minutes on 2 CPU cores.
-    steps: int = 320
+    # The defaults are the main job (`kitelm train`): griffin-mini, 300 steps × 32 × 256 tokens, which beats xz -9
+    # (benchmarks/NOTES.md, "The main job against xz"); ~9 minutes on 2 AVX2 cores in fp32, ~4 where bf16 is native.
+    steps: int = 300
     batch_size: int = 32  # global sequences per micro-batch (split across processes)
     grad_accum: int = 1  # micro-batches per optimizer step
     seq_len: int = 256
@@ -30,9 +31,9 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
-    eval_every: int = 160
+    eval_every: int = 150
     eval_tokens: int = 32_768  # validation tokens per periodic evaluation
-    save_every: int = 160
+    save_every: int = 150
     keep_last: int = 3
     log_every: int = 10
     seed: int = 0
