@@ -15,13 +15,16 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     torch.manual_seed(0)
 
 
-@pytest.fixture(autouse=True)
-def _float32_by_default(monkeypatch):
-    """`--dtype auto` means float32 in tests, on every CPU: their tolerances are derived for fp32 rounding. Tests of
-    the bf16 paths ask for bfloat16 explicitly; tests of the auto choice mock the CPU flags themselves."""
+@pytest.fixture(scope="session", autouse=True)
+def _float32_by_default():
+    """`--dtype auto` means float32 in tests, on every CPU, module-scoped fixtures included: their tolerances are
+    derived for fp32 rounding. Tests of the bf16 paths ask for bfloat16 explicitly; tests of the auto choice restore
+    `native_bf16` and mock the CPU flags themselves. (Subprocesses do not see this: they pass --dtype themselves.)"""
     from kitelm import precision
 
-    monkeypatch.setattr(precision, "native_bf16", lambda device="cpu": False)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(precision, "native_bf16", lambda device="cpu": False)
+        yield
 
 
 def _python_like_text(seed: int, n_functions: int) -> str:

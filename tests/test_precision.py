@@ -17,22 +17,34 @@ from kitelm.train.trainer import TrainConfig, Trainer
 
 BF16_UNIT_ROUNDOFF = 2.0**-9  # bf16 keeps 8 significant bits: each rounding is off by at most 2^-9 relative
 NATIVE_BF16 = precision.native_bf16  # the real one (conftest makes `auto` mean float32 in every other test)
+bf16_kernels = pytest.mark.skipif(precision.bf16_kernels_capped(), reason="ATEN_CPU_CAPABILITY caps torch below "
+                                  "AVX-512 on a bf16 CPU: torch's bf16 attention fails there (resolve_dtype refuses)")
 
 
-@pytest.mark.parametrize("flags, expected", [
-    ({"avx2", "fma"}, torch.float32),  # AVX2-only (Zen3): no bf16 GEMM path
-    ({"avx2", "avx512f", "avx512_bf16"}, torch.bfloat16),  # AVX-512 with BF16 (Zen4/5, Cooper Lake)
-    ({"avx2", "avx512f", "amx_tile", "amx_bf16"}, torch.bfloat16),  # AMX (Sapphire Rapids)
-    ({"avx2", "avx512f"}, torch.float32),  # AVX-512 without BF16 (Skylake-X)
-    (set(), torch.float32),  # flags unknown (not Linux)
+@pytest.mark.parametrize("flags, capability, expected", [
+    ({"avx2", "fma"}, "AVX2", torch.float32),  # AVX2-only (Zen3): no bf16 GEMM path
+    ({"avx2", "avx512f", "avx512_bf16"}, "AVX512", torch.bfloat16),  # AVX-512 with BF16 (Zen4/5, Cooper Lake)
+    ({"avx2", "avx512f", "amx_tile", "amx_bf16"}, "AVX512", torch.bfloat16),  # AMX (Sapphire Rapids)
+    ({"avx2", "avx512f"}, "AVX512", torch.float32),  # AVX-512 without BF16 (Skylake-X)
+    ({"avx2", "avx512f", "amx_bf16"}, "AVX2", torch.float32),  # ATEN_CPU_CAPABILITY=avx2: torch lacks bf16 kernels
+    (set(), "DEFAULT", torch.float32),  # flags unknown (not Linux)
 ])
-def test_auto_picks_bf16_only_where_the_cpu_has_native_bf16(monkeypatch, flags, expected):
+def test_auto_picks_bf16_only_where_the_cpu_has_native_bf16(monkeypatch, flags, capability, expected):
     monkeypatch.setattr(precision, "native_bf16", NATIVE_BF16)
     monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset(flags))
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
     assert precision.resolve_dtype("auto") == expected
     assert precision.resolve_dtype("float32") == torch.float32
-    assert precision.resolve_dtype("bfloat16") == torch.bfloat16
+    if not precision.bf16_kernels_capped():  # refused there (the next test)
+        assert precision.resolve_dtype("bfloat16") == torch.bfloat16
     assert precision.inference_dtype("auto") == torch.float32  # CPU decoding runs the fp32 kernels
+
+
+def test_explicit_bf16_is_refused_where_torch_kernels_are_capped_below_avx512(monkeypatch):
+    monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset({"avx512f", "amx_bf16"}))
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    with pytest.raises(ConfigError, match="unset ATEN_CPU_CAPABILITY or use --dtype float32"):
+        precision.resolve_dtype("bfloat16")
 
 
 def test_float16_and_unknown_dtypes_are_refused_on_cpu():
@@ -44,6 +56,7 @@ def test_float16_and_unknown_dtypes_are_refused_on_cpu():
         TrainConfig(dtype="float16")
 
 
+@bf16_kernels
 @pytest.mark.parametrize("name", ["transformer-tiny", "griffin-tiny"])
 def test_bf16_autocast_logits_match_fp32_within_bf16_rounding(name):
     """Bound: each layer rounds its matmul inputs and outputs to bf16 (2 roundings of relative size 2^-9); errors add
@@ -60,6 +73,7 @@ def test_bf16_autocast_logits_match_fp32_within_bf16_rounding(name):
     assert (low - exact).abs().max().item() > 0  # autocast really ran the matmuls in bf16
 
 
+@bf16_kernels
 def test_rglru_state_stays_float32_under_autocast():
     model = build_model(get_preset("griffin-tiny")).eval()
     cache = model.new_cache(2, max_len=16)
@@ -69,6 +83,7 @@ def test_rglru_state_stays_float32_under_autocast():
     assert recurrent and all(s.h.dtype == torch.float32 for s in recurrent)
 
 
+@bf16_kernels
 def test_bf16_training_keeps_fp32_weights_and_records_dtype_and_cpu(corpus_dir, tmp_path):
     tc = TrainConfig(out_dir=str(tmp_path), data=str(corpus_dir), steps=2, batch_size=4, seq_len=32, eval_every=2,
                      eval_tokens=256, save_every=2, dtype="bfloat16")
@@ -83,6 +98,7 @@ def test_bf16_training_keeps_fp32_weights_and_records_dtype_and_cpu(corpus_dir, 
         assert meta["dtype"] == "bfloat16" and meta["machine"]["cpu"] and "cpu_flags" in meta["machine"]
 
 
+@bf16_kernels
 def test_bf16_and_fp32_losses_agree_at_init():
     """The loss is a mean of fp32 log-softmaxes of the logits above; its bf16 error is at most twice the logits'
     (log-softmax is 2-Lipschitz in the max norm)."""

@@ -293,7 +293,7 @@ def cmd_export(args) -> int:
     from .convert.export_hf import export_hf
     from .precision import resolve_dtype
 
-    out = export_hf(args.checkpoint, args.out, dtype=resolve_dtype(args.dtype))
+    out = export_hf(args.checkpoint, args.out, dtype=resolve_dtype(args.dtype, compute=False))  # stored, not run
     print(f"wrote transformers RecurrentGemmaForCausalLM folder {out}")
     return 0
 

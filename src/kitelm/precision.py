@@ -69,20 +69,24 @@ def machine_info() -> dict:
 
 
 def native_bf16(device: torch.device | str = "cpu") -> bool:
-    """True where bf16 matrix products run on native instructions (and so faster than fp32)."""
+    """True where bf16 matrix products run on native instructions (and so faster than fp32): on a CPU, the bf16
+    flags and torch's AVX-512 kernels (`ATEN_CPU_CAPABILITY=avx2` on such a CPU leaves torch without its bf16
+    kernels: its bf16 attention then fails with "pack_vnni2 is only supported when avx512 is supported")."""
     import torch
 
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     if device.type == "cpu":
-        return any(flag in cpu_flags() for flag in BF16_CPU_FLAGS)
+        return any(flag in cpu_flags() for flag in BF16_CPU_FLAGS) and not bf16_kernels_capped()
     return False
 
 
-def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device | str = "cpu") -> torch.dtype:
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device | str = "cpu",
+                  compute: bool = True) -> torch.dtype:
     """'auto' (or None) → bf16 where native on `device`, else float32; 'float32' / 'bfloat16' (or the torch dtypes)
-    as given. Anything else raises ConfigError."""
+    as given. Anything else raises ConfigError; so does bf16 `compute` where torch cannot run it (storage only, e.g.
+    an export, is allowed)."""
     import torch
 
     if dtype is None or dtype == "auto":
@@ -96,7 +100,18 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device | str = 
              "float16": torch.float16}
     if name not in known:
         raise ConfigError(f"dtype {name!r} is unknown; choose one of {list(DTYPES)}")
+    if compute and known[name] == torch.bfloat16 and torch.device(device).type == "cpu" and bf16_kernels_capped():
+        raise ConfigError("bfloat16 cannot run with ATEN_CPU_CAPABILITY below avx512 on this CPU (which has native "
+                          "bf16): torch's bf16 attention then fails; unset ATEN_CPU_CAPABILITY or use --dtype float32")
     return known[name]
+
+
+def bf16_kernels_capped() -> bool:
+    """True on a CPU with native bf16 whose torch kernels were capped below AVX-512 (ATEN_CPU_CAPABILITY=avx2)."""
+    import torch
+
+    capped = not torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+    return capped and any(flag in cpu_flags() for flag in BF16_CPU_FLAGS)
 
 
 def dtype_name(dtype: "torch.dtype") -> str:
