@@ -15,7 +15,6 @@ import kitelm
 from kitelm.checkpoint import list_checkpoints
 from kitelm.cli import main
 from kitelm.errors import KitelmError
-from kitelm.train.run_folder import RunLock
 
 TINY = ["--model", "transformer-tiny", "--steps", "4", "--batch-size", "4", "--seq-len", "32", "--eval-every", "2",
         "--save-every", "2", "--eval-tokens", "256", "--final-eval-tokens", "256", "--no-sample"]

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+import types
 
 import pytest
 
-from kitelm import budget
+from kitelm import budget, cli
 from kitelm.budget import SAFETY, fit_steps
 from kitelm.cli import main
 from kitelm.errors import KitelmError
@@ -56,7 +57,9 @@ def test_a_budget_too_small_is_refused_before_training(corpus_dir, tmp_path, cap
 
 
 def test_minutes_trains_the_fitted_steps_with_the_schedule_spanning_them(corpus_dir, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(budget, "time_step", lambda trainer: (1.0, 0.001))  # ~9 steps in 12 s (they take ~1 s)
+    # a machine where a step takes 1 s and start-up nothing (a frozen clock): the fit is the same on every machine
+    monkeypatch.setattr(budget, "time_step", lambda trainer: (1.0, 0.001))
+    monkeypatch.setattr(cli, "time", types.SimpleNamespace(monotonic=lambda: 0.0))
     assert main(["train", "--data", str(corpus_dir), "--out", str(tmp_path), "--minutes", "0.2", "--warmup-steps",
                  "30", *TINY]) == 0
     out = capsys.readouterr().out

@@ -36,6 +36,17 @@ def test_unknown_field_and_override_errors(tmp_path):
     assert ModelConfig().with_overrides(["n_layers=3", "mlp=relu"]).n_layers == 3
 
 
+def test_overrides_are_parsed_by_the_fields_type_and_named_in_the_config():
+    c = get_preset("transformer-mini").with_overrides(["tie_embeddings=no", "n_kv_heads=none", "n_heads=3",
+                                                        "rope_base=5e4", "mlp=relu"])
+    assert (c.tie_embeddings, c.n_kv_heads, c.n_heads, c.rope_base, c.mlp) == (False, None, 3, 50000.0, "relu")
+    assert c.name == "transformer-mini[tie_embeddings=no,n_kv_heads=none,n_heads=3,rope_base=5e4,mlp=relu]"
+    for bad, expected in (("tie_embeddings=maybe", "not a valid bool"), ("n_layers=2.5", "not a valid int"),
+                          ("rope_base=nan", "not a valid float")):
+        with pytest.raises(ConfigError, match=expected):
+            ModelConfig().with_overrides([bad])
+
+
 def test_unknown_preset_suggests():
     with pytest.raises(ConfigError, match="did you mean transformer-small"):
         get_preset("transformer-smal")

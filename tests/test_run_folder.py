@@ -9,7 +9,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from kitelm.checkpoint import list_checkpoints
 from kitelm.cli import main

@@ -40,7 +40,6 @@ def _positive(kind):
             raise argparse.ArgumentTypeError(f"{text!r} must be a positive finite number")
         return value
 
-    parse.__name__ = f"positive {kind.__name__}"
     return parse
 
 

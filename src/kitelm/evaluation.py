@@ -206,11 +206,10 @@ def evaluate_checkpoint(path: str | Path, data: str | None = None, out: str | Pa
         if value is not None and not (isinstance(value, int) and value >= 1):
             raise KitelmError(f"--{name.replace('_', '-')} {value} must be a positive integer")
     compute = resolve_dtype(dtype)
-    if out is not None:
-        writable_folder(out)
+    if out is not None:  # checked before the model is loaded
+        out = writable_folder(out)
     lm = load(path, dtype="float32")
-    out = Path(out) if out is not None else default_eval_folder(lm.path)
-    writable_folder(out)
+    out = out if out is not None else writable_folder(default_eval_folder(lm.path))
     if lm.tokenizer.name.startswith("task:"):
         return evaluate_task_checkpoint(lm, out, dtype=compute)
     meta_file = lm.path / "meta.json"

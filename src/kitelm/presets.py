@@ -49,7 +49,7 @@ def preset_rows() -> list[dict]:
 
 # --- baseline transformer -------------------------------------------------------------------------------------
 register_preset(ModelConfig(name="transformer-tiny", width=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=128))
-# The default of `kitelm train` before griffin-mini (issue 13): 1.82M parameters that see ~2.6M tokens in 8 minutes
+# The default of `kitelm train` before griffin-mini: 1.82M parameters that see ~2.6M tokens in 8 minutes
 # on 2 CPU cores, closer to compute-optimal (Chinchilla: ~20 tokens per parameter) than a larger model would be.
 register_preset(ModelConfig(name="transformer-mini", width=192, n_layers=4, n_heads=6, max_seq_len=256))
 # Matched in size (~4.9M) with griffin-small, hawk-small and the *-small simplified presets, for comparisons.
@@ -66,8 +66,9 @@ register_preset(ModelConfig(name="griffin-tiny", width=64, n_layers=3, n_heads=4
                             attention_window=16, max_seq_len=128, **_GRIFFIN))
 register_preset(ModelConfig(name="hawk-tiny", width=64, n_layers=2, n_heads=4, mlp_hidden=192, block_pattern="R",
                             max_seq_len=128, **_GRIFFIN))
-# The default of `kitelm train` (issue 13): transformer-mini's size and step time (1.87M parameters), width 192,
-# 4 layers (R, R, A, R), MLP 3·width; at byte level its Conv1D + recurrence learn faster per step than attention.
+# The default of `kitelm train`: transformer-mini's size and step time (1.87M parameters), width 192, 4 layers
+# (R, R, A, R), MLP 3·width; at byte level its Conv1D + recurrence learn faster per step than attention and beat
+# xz -9 in 300 steps (benchmarks/NOTES.md, "The main job against xz").
 register_preset(ModelConfig(name="griffin-mini", width=192, n_layers=4, n_heads=4, mlp_hidden=576,
                             attention_window=128, max_seq_len=256, **_GRIFFIN))
 # Comparable to transformer-small (width 256, 6 layers, 256-token context): trains on 2 CPU cores.

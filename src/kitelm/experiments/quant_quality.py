@@ -1,4 +1,4 @@
-"""Quality of the weight formats (issue 14): validation loss of a trained checkpoint stored in each format against its
+"""Quality of the weight formats: validation loss of a trained checkpoint stored in each format against its
 fp32 loss, and the mean KL divergence of next-token distributions, fp32 ‖ format, on a random-weight real-size model
 (llama.cpp's convention: KL(p_fp32 ‖ p_quantized) averaged over positions).
 

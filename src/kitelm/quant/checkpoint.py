@@ -5,7 +5,7 @@ A quantized checkpoint is a kitelm checkpoint folder whose `config.json` carries
 {"weights": "int8", "group_size": 32, "embedding": true}`, and whose `model.safetensors` holds `{module}.qweight` /
 `{module}.scales` in place of every quantized `{module}.weight` (quant/modules.py).
 
-Conversion reads the source one tensor at a time (safetensors `safe_open`, or `torch.load(mmap=True)` for an official
+Conversion reads the source one tensor at a time (safetensors `safe_open`, or `torch.load(weights_only=True, mmap=True)` for an official
 state dict) and keeps only the output: peak memory ≈ the output's size + the largest source tensor in fp32, checked
 against the machine's available memory before anything is read. The output is written into a hidden temporary folder
 and renamed into place: a failure leaves nothing, and an existing folder is never touched.
