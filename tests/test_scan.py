@@ -1,5 +1,6 @@
 """Specification of kitelm.ops.scan: every backend of h_t = a_t ⊙ h_{t-1} + x_t matches the float64 loop
-`linear_scan_ref` in outputs and in gradients wrt a, x and h0, with and without resets and initial state."""
+`linear_scan_ref` in outputs and in gradients wrt a, x and h0, with and without zero gates (a document start, where
+the RG-LRU sets a_t = 0) and initial state."""
 
 from __future__ import annotations
 
@@ -42,23 +43,24 @@ def require(backend: str) -> None:
     pytest.fail(f"a C++ compiler is present but the cpp scan did not build: {scan.EXTENSION.unavailable_reason()}")
 
 
-def make_inputs(B, T, D, with_h0=True, with_reset=True, dtype=torch.float32, seed=0):
-    """RG-LRU-like gates a ∈ (0.5, 0.999), x ~ N(0, 1), resets at ~10 % of positions and at t = 0 of row 0."""
+def make_inputs(B, T, D, with_h0=True, with_zeros=True, dtype=torch.float32, seed=0):
+    """RG-LRU-like gates a ∈ (0.5, 0.999), x ~ N(0, 1); with_zeros: a_t = 0 (a document start) at ~10 % of the (b, t)
+    positions and at t = 0 of row 0."""
     g = torch.Generator().manual_seed(seed)
     a = (0.5 + 0.499 * torch.rand(B, T, D, generator=g)).to(dtype)
     x = torch.randn(B, T, D, generator=g).to(dtype)
     h0 = torch.randn(B, D, generator=g).to(dtype) if with_h0 else None
-    reset = None
-    if with_reset:
-        reset = torch.rand(B, T, generator=g) < 0.1
-        reset[0, 0] = True
-    return a, x, h0, reset
+    if with_zeros:
+        starts = torch.rand(B, T, generator=g) < 0.1
+        starts[0, 0] = True
+        a = a.masked_fill(starts.unsqueeze(-1), 0.0)
+    return a, x, h0
 
 
-def scan_and_grads(fn, a, x, h0, reset, seed=1):
+def scan_and_grads(fn, a, x, h0, seed=1):
     """(h, h_last, da, dx, dh0) for the loss Σ h ⊙ gh + Σ h_last ⊙ gl with fixed random gh, gl."""
     leaves = [t.detach().clone().requires_grad_() for t in (a, x) + ((h0,) if h0 is not None else ())]
-    h, h_last = fn(*leaves[:2], leaves[2] if h0 is not None else None, reset)
+    h, h_last = fn(*leaves[:2], leaves[2] if h0 is not None else None)
     g = torch.Generator().manual_seed(seed)
     gh = torch.randn(h.shape, generator=g).to(h.dtype)
     gl = torch.randn(h_last.shape, generator=g).to(h_last.dtype)
@@ -66,10 +68,10 @@ def scan_and_grads(fn, a, x, h0, reset, seed=1):
     return (h, h_last, *grads) + ((None,) if h0 is None else ())
 
 
-def reference(a, x, h0, reset):
+def reference(a, x, h0):
     """scan_and_grads of the float64 loop on the same values."""
     as64 = [None if t is None else t.double() for t in (a, x, h0)]
-    return scan_and_grads(linear_scan_ref, *as64, reset)
+    return scan_and_grads(linear_scan_ref, *as64)
 
 
 def assert_close_relative(actual, expected, rtol, name):
@@ -88,12 +90,12 @@ def assert_matches_reference(results, expected, rtol):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("with_h0", [False, True], ids=["zero_h0", "h0"])
-@pytest.mark.parametrize("with_reset", [False, True], ids=["no_reset", "reset"])
-def test_fp32_outputs_and_grads_match_float64_reference(backend, shape, with_h0, with_reset):
+@pytest.mark.parametrize("with_zeros", [False, True], ids=["no_zero_gates", "zero_gates"])
+def test_fp32_outputs_and_grads_match_float64_reference(backend, shape, with_h0, with_zeros):
     require(backend)
-    a, x, h0, reset = make_inputs(*shape, with_h0, with_reset)
-    results = scan_and_grads(functools.partial(linear_scan, backend=backend), a, x, h0, reset)
-    assert_matches_reference(results, reference(a, x, h0, reset), FP32_RTOL)
+    a, x, h0 = make_inputs(*shape, with_h0, with_zeros)
+    results = scan_and_grads(functools.partial(linear_scan, backend=backend), a, x, h0)
+    assert_matches_reference(results, reference(a, x, h0), FP32_RTOL)
     h, h_last = results[:2]
     assert h.dtype == h_last.dtype == torch.float32
     assert torch.equal(h_last, h[:, -1])
@@ -103,31 +105,31 @@ def test_fp32_outputs_and_grads_match_float64_reference(backend, shape, with_h0,
 def test_non_contiguous_inputs(backend):
     require(backend)
     B, T, D = 3, 65, 33
-    a, x, h0, reset = make_inputs(B, T, D)
+    a, x, h0 = make_inputs(B, T, D)
     # same values, transposed storage
     a_t, x_t = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (a, x))
-    h0_t, reset_t = h0.t().contiguous().t(), reset.t().contiguous().t()
-    assert not any(t.is_contiguous() for t in (a_t, x_t, h0_t, reset_t))
-    results = scan_and_grads(functools.partial(linear_scan, backend=backend), a_t, x_t, h0_t, reset_t)
-    assert_matches_reference(results, reference(a, x, h0, reset), FP32_RTOL)
+    h0_t = h0.t().contiguous().t()
+    assert not any(t.is_contiguous() for t in (a_t, x_t, h0_t))
+    results = scan_and_grads(functools.partial(linear_scan, backend=backend), a_t, x_t, h0_t)
+    assert_matches_reference(results, reference(a, x, h0), FP32_RTOL)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_float64_inputs_stay_float64(backend):
     require(backend)
-    a, x, h0, reset = make_inputs(3, 65, 33, dtype=torch.float64)
-    results = scan_and_grads(functools.partial(linear_scan, backend=backend), a, x, h0, reset)
+    a, x, h0 = make_inputs(3, 65, 33, dtype=torch.float64)
+    results = scan_and_grads(functools.partial(linear_scan, backend=backend), a, x, h0)
     assert results[0].dtype == results[1].dtype == torch.float64
-    assert_matches_reference(results, reference(a, x, h0, reset), 1e-12)
+    assert_matches_reference(results, reference(a, x, h0), 1e-12)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_bf16_inputs_accumulate_in_fp32(backend):
     require(backend)
-    a, x, h0, reset = make_inputs(3, 257, 33)
+    a, x, h0 = make_inputs(3, 257, 33)
     x = x.bfloat16()  # RG-LRU: fp32 gates, activations in the model dtype
-    h, h_last, da, dx, dh0 = scan_and_grads(functools.partial(linear_scan, backend=backend), a, x, h0, reset)
-    want = reference(a, x, h0, reset)
+    h, h_last, da, dx, dh0 = scan_and_grads(functools.partial(linear_scan, backend=backend), a, x, h0)
+    want = reference(a, x, h0)
     assert h.dtype == dx.dtype == torch.bfloat16 and h_last.dtype == torch.float32
     # the state never passes through bf16: only the returned h is rounded
     assert_close_relative(h_last, want[1], FP32_RTOL, "h_last")
@@ -137,22 +139,26 @@ def test_bf16_inputs_accumulate_in_fp32(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_reset_drops_state_and_zeroes_gate_gradient(backend):
+def test_zero_gate_drops_state_and_cuts_gradient(backend):
+    """a_t = 0 (a document start): h_t = x_t, and nothing after t reaches h0 or the steps before t."""
     require(backend)
-    a, x, h0, _ = make_inputs(2, 9, 16)
-    reset = torch.zeros(2, 9, dtype=torch.bool)
-    reset[:, 0] = reset[1, 5] = True
-    h, _, da, _, dh0 = scan_and_grads(functools.partial(linear_scan, backend=backend), a, x, h0, reset)
+    a, x, h0 = make_inputs(2, 9, 16, with_zeros=False)
+    a[:, 0] = a[1, 5] = 0.0
+    h, *_, dh0 = scan_and_grads(functools.partial(linear_scan, backend=backend), a, x, h0)
     assert torch.equal(h[:, 0], x[:, 0]) and torch.equal(h[1, 5], x[1, 5])
-    assert torch.all(da[:, 0] == 0) and torch.all(da[1, 5] == 0) and torch.all(dh0 == 0)
+    assert torch.all(dh0 == 0)
+    a_leaf, x_leaf = a.clone().requires_grad_(), x.clone().requires_grad_()
+    h, h_last = linear_scan(a_leaf, x_leaf, h0, backend=backend)
+    da, dx = torch.autograd.grad(h[1, 5:].sum() + h_last[1].sum(), (a_leaf, x_leaf))
+    assert torch.all(da[1, :5] == 0) and torch.all(dx[1, :5] == 0)
 
 
 def test_decode_steps_match_full_scan():
-    a, x, h0, reset = make_inputs(3, 20, 33)
-    h_full, last_full = linear_scan(a, x, h0, reset)
+    a, x, h0 = make_inputs(3, 20, 33)
+    h_full, last_full = linear_scan(a, x, h0)
     state, steps = h0, []
     for t in range(20):
-        h_t, state = linear_scan(a[:, t : t + 1], x[:, t : t + 1], state, reset[:, t : t + 1])
+        h_t, state = linear_scan(a[:, t : t + 1], x[:, t : t + 1], state)
         steps.append(h_t)
     torch.testing.assert_close(torch.cat(steps, dim=1), h_full)
     torch.testing.assert_close(state, last_full)
@@ -167,12 +173,12 @@ def test_auto_prefers_cpp_then_chunked():
 def test_no_cpp_env_falls_back_to_chunked(monkeypatch):
     monkeypatch.setenv("KITELM_NO_CPP", "1")
     assert "cpp" not in available_backends()
-    a, x, h0, reset = make_inputs(3, 65, 33)
+    a, x, h0 = make_inputs(3, 65, 33)
     assert scan._resolve_backend("auto", x) == "chunked"
     with pytest.raises(RuntimeError, match="KITELM_NO_CPP"):
         linear_scan(a, x, backend="cpp")
-    results = scan_and_grads(linear_scan, a, x, h0, reset)
-    assert_matches_reference(results, reference(a, x, h0, reset), FP32_RTOL)
+    results = scan_and_grads(linear_scan, a, x, h0)
+    assert_matches_reference(results, reference(a, x, h0), FP32_RTOL)
 
 
 def test_build_failure_warns_once_and_falls_back(monkeypatch):
@@ -185,15 +191,15 @@ def test_build_failure_warns_once_and_falls_back(monkeypatch):
     monkeypatch.setattr(scan.EXTENSION, "build", broken_build)
     monkeypatch.setattr(scan.EXTENSION, "_loaded", None)
     monkeypatch.delenv("KITELM_NO_CPP", raising=False)
-    a, x, h0, reset = make_inputs(3, 65, 33)
+    a, x, h0 = make_inputs(3, 65, 33)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        results = scan_and_grads(linear_scan, a, x, h0, reset)
+        results = scan_and_grads(linear_scan, a, x, h0)
         linear_scan(a, x)
     assert len(caught) == 1
     assert "'chunked'" in str(caught[0].message) and "/bin/sh: 1: c++: not found" in str(caught[0].message)
     assert available_backends() == ["chunked", "ref"]
-    assert_matches_reference(results, reference(a, x, h0, reset), FP32_RTOL)
+    assert_matches_reference(results, reference(a, x, h0), FP32_RTOL)
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed (it is in the test extra on Linux x86-64)")
@@ -230,19 +236,17 @@ def test_env_var_forces_backend(monkeypatch):
 
 
 @pytest.mark.parametrize(
-    ("a_shape", "h0_shape", "reset", "message"),
+    ("a_shape", "h0_shape", "message"),
     [
-        ((2, 8, 5), None, None, "a and x must both be"),
-        ((2, 8, 4), (2, 5), None, "h0 must be"),
-        ((2, 8, 4), None, torch.zeros(2, 8), "reset must be a bool"),
-        ((2, 8, 4), None, torch.zeros(2, 7, dtype=torch.bool), "reset must be a bool"),
+        ((2, 8, 5), None, "a and x must both be"),
+        ((2, 8, 4), (2, 5), "h0 must be"),
     ],
 )
-def test_invalid_inputs_raise_actionable_errors(a_shape, h0_shape, reset, message):
+def test_invalid_inputs_raise_actionable_errors(a_shape, h0_shape, message):
     x = torch.zeros(2, 8, 4)
     h0 = None if h0_shape is None else torch.zeros(h0_shape)
     with pytest.raises(ValueError, match=message):
-        linear_scan(torch.zeros(a_shape), x, h0, reset)
+        linear_scan(torch.zeros(a_shape), x, h0)
 
 
 def test_empty_sequence_is_rejected():

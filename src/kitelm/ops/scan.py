@@ -2,8 +2,7 @@
 
     h_t = a_t ⊙ h_{t-1} + x_t,   h_{-1} = h0 (zeros if not given),   a, x: [B, T, D]
 
-with optional resets: where reset[b, t] is True the previous state is dropped (a_t acts as 0, so h_t = x_t and the
-gradient wrt a_t is 0). This is how document packing works in Griffin (reset = segment_pos == 0).
+Document resets are folded into `a` by the caller: a_t = 0 at a document start, so h_t = x_t (layers/rglru.py).
 
 The backward pass of every backend is the reverse scan (g_t = dL/dh_t through the recurrence):
 
@@ -40,41 +39,37 @@ BACKENDS = ("cpp", "triton", "chunked", "ref")
 
 
 def linear_scan(
-    a: Tensor, x: Tensor, h0: Tensor | None = None, reset: Tensor | None = None, *, backend: str = "auto"
+    a: Tensor, x: Tensor, h0: Tensor | None = None, *, backend: str = "auto"
 ) -> tuple[Tensor, Tensor]:
-    """Scan h_t = a_t ⊙ h_{t-1} + x_t over t (see the module docstring for resets and the backward pass).
+    """Scan h_t = a_t ⊙ h_{t-1} + x_t over t (see the module docstring for the backward pass).
 
     a, x: [B, T, D] floating tensors (their dtypes may differ, e.g. fp32 gates with bf16 inputs);
-    h0: [B, D] or None (zeros); reset: [B, T] bool or None.
+    h0: [B, D] or None (zeros).
     Accumulates in float32 whatever the input dtype (float64 if a or x is float64).
     Returns (h [B, T, D] in x.dtype, h_last [B, D] in the accumulation dtype).
     """
-    _check_inputs(a, x, h0, reset)
+    _check_inputs(a, x, h0)
     acc = torch.float64 if torch.float64 in (a.dtype, x.dtype) else torch.float32
     name = _resolve_backend(backend, x)
     a_acc, x_acc = a.to(acc), x.to(acc)
     h0_acc = None if h0 is None else h0.to(acc)
     if name == "cpp":
-        h, h_last = _CppScan.apply(
-            a_acc.contiguous(),
-            x_acc.contiguous(),
-            None if h0_acc is None else h0_acc.contiguous(),
-            None if reset is None else reset.contiguous(),
-        )
+        h, h_last = _CppScan.apply(a_acc.contiguous(), x_acc.contiguous(),
+                                   None if h0_acc is None else h0_acc.contiguous())
     elif name == "triton":
         from .triton_scan import TritonScan
 
-        h, h_last = TritonScan.apply(_apply_reset(a_acc, reset).contiguous(), x_acc.contiguous(),
+        h, h_last = TritonScan.apply(a_acc.contiguous(), x_acc.contiguous(),
                                      None if h0_acc is None else h0_acc.contiguous())
     elif name == "chunked":
-        h, h_last = _ChunkedScan.apply(_apply_reset(a_acc, reset), x_acc, h0_acc)
+        h, h_last = _ChunkedScan.apply(a_acc, x_acc, h0_acc)
     else:
-        h, h_last = linear_scan_ref(a_acc, x_acc, h0_acc, reset, dtype=acc)
+        h, h_last = linear_scan_ref(a_acc, x_acc, h0_acc, dtype=acc)
     return h.to(x.dtype), h_last
 
 
 def linear_scan_ref(
-    a: Tensor, x: Tensor, h0: Tensor | None = None, reset: Tensor | None = None, *, dtype: torch.dtype = torch.float64
+    a: Tensor, x: Tensor, h0: Tensor | None = None, *, dtype: torch.dtype = torch.float64
 ) -> tuple[Tensor, Tensor]:
     """Reference scan: a plain loop over t in `dtype` (float64 by default), differentiated by autograd.
 
@@ -82,8 +77,8 @@ def linear_scan_ref(
     The loop uses unbind/stack: indexing x[:, t] under autograd makes the backward O(T²), as every step's
     gradient is materialised as a full-size [B, T, D] tensor.
     """
-    _check_inputs(a, x, h0, reset)
-    a = _apply_reset(a.to(dtype), reset)
+    _check_inputs(a, x, h0)
+    a = a.to(dtype)
     h = x.new_zeros(x.shape[0], x.shape[2], dtype=dtype) if h0 is None else h0.to(dtype)
     states = []
     for a_t, x_t in zip(a.unbind(1), x.to(dtype).unbind(1)):
@@ -98,7 +93,7 @@ def available_backends() -> list[str]:
     return [name for name in BACKENDS if name != "triton" and (name != "cpp" or _cpp_extension() is not None)]
 
 
-def _check_inputs(a: Tensor, x: Tensor, h0: Tensor | None, reset: Tensor | None) -> None:
+def _check_inputs(a: Tensor, x: Tensor, h0: Tensor | None) -> None:
     if x.dim() != 3 or a.shape != x.shape:
         raise ValueError(f"a and x must both be [B, T, D]; got a {tuple(a.shape)} and x {tuple(x.shape)}")
     if not (a.is_floating_point() and x.is_floating_point()):
@@ -108,9 +103,7 @@ def _check_inputs(a: Tensor, x: Tensor, h0: Tensor | None, reset: Tensor | None)
         raise ValueError("the sequence is empty (T == 0); there is nothing to scan")
     if h0 is not None and (h0.shape != (B, D) or not h0.is_floating_point()):
         raise ValueError(f"h0 must be a floating [B, D] = [{B}, {D}] tensor; got {h0.dtype} {tuple(h0.shape)}")
-    if reset is not None and (reset.shape != (B, T) or reset.dtype != torch.bool):
-        raise ValueError(f"reset must be a bool [B, T] = [{B}, {T}] tensor; got {reset.dtype} {tuple(reset.shape)}")
-    devices = {t.device for t in (a, x, h0, reset) if t is not None}
+    devices = {t.device for t in (a, x, h0) if t is not None}
     if len(devices) > 1:
         raise ValueError(f"all inputs must be on one device; got {sorted(map(str, devices))}")
 
@@ -145,11 +138,6 @@ def _triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def _apply_reset(a: Tensor, reset: Tensor | None) -> Tensor:
-    """a with a_t = 0 wherever reset[b, t] is True (so the gradient wrt a_t is 0 there)."""
-    return a if reset is None else a.masked_fill(reset.unsqueeze(-1), 0.0)
-
-
 # ---------------------------------------------------------------------------------------------------------------- cpp
 
 EXTENSION = CppExtension("linear_scan", fallback="using the slower pure-torch 'chunked' scan")
@@ -164,17 +152,17 @@ class _CppScan(torch.autograd.Function):
     """Autograd wrapper of the C++ forward and reverse-scan backward (contiguous fp32/fp64 inputs)."""
 
     @staticmethod
-    def forward(ctx, a: Tensor, x: Tensor, h0: Tensor | None, reset: Tensor | None) -> tuple[Tensor, Tensor]:
-        h, h_last = EXTENSION.module().forward(a, x, h0, reset)
-        ctx.save_for_backward(a, h, h0, reset)
+    def forward(ctx, a: Tensor, x: Tensor, h0: Tensor | None) -> tuple[Tensor, Tensor]:
+        h, h_last = EXTENSION.module().forward(a, x, h0)
+        ctx.save_for_backward(a, h, h0)
         return h, h_last
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, dh: Tensor, dh_last: Tensor) -> tuple[Tensor, Tensor, Tensor | None, None]:
-        a, h, h0, reset = ctx.saved_tensors
-        da, dx, dh0 = EXTENSION.module().backward(a, h, h0, reset, dh.contiguous(), dh_last.contiguous())
-        return da, dx, (dh0 if h0 is not None else None), None
+    def backward(ctx, dh: Tensor, dh_last: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        a, h, h0 = ctx.saved_tensors
+        da, dx, dh0 = EXTENSION.module().backward(a, h, h0, dh.contiguous(), dh_last.contiguous())
+        return da, dx, (dh0 if h0 is not None else None)
 
 
 # ------------------------------------------------------------------------------------------------------------ chunked
@@ -218,7 +206,7 @@ def _chunked_scan(a: Tensor, x: Tensor, h0: Tensor | None, reverse: bool = False
 
 
 class _ChunkedScan(torch.autograd.Function):
-    """Chunked forward and reverse-scan backward; `a` already has zeros at reset positions."""
+    """Autograd wrapper of the chunked forward and its reverse-scan backward."""
 
     @staticmethod
     def forward(ctx, a: Tensor, x: Tensor, h0: Tensor | None) -> tuple[Tensor, Tensor]:

@@ -59,7 +59,7 @@ def _grid(x: Tensor) -> tuple[int, int]:
 
 
 class TritonScan(torch.autograd.Function):
-    """Autograd wrapper: a, x [B, T, D] and h0 [B, D] or None, contiguous, one dtype; `a` already zero at resets.
+    """Autograd wrapper: a, x [B, T, D] and h0 [B, D] or None, contiguous, one dtype.
     Returns (h [B, T, D], h_last [B, D])."""
 
     @staticmethod

@@ -1,7 +1,7 @@
 // Sequential linear scan h_t = a_t * h_{t-1} + x_t on CPU, forward and reverse-scan backward.
 //
-// Layout: a, x, h, dh, da, dx are contiguous [B, T, D]; h0, h_last, dh_last, dh0 are [B, D]; reset is bool [B, T].
-// Where reset[b, t] is true the previous state is dropped (a_t acts as 0): h_t = x_t and da_t = 0.
+// Layout: a, x, h, dh, da, dx are contiguous [B, T, D]; h0, h_last, dh_last, dh0 are [B, D].
+// Document resets are the caller's: it sets a_t = 0 at a document start (kitelm/layers/rglru.py).
 //
 // Backward (g_t = dL/dh_t through the recurrence, read right to left):
 //   g_{T-1} = dh_{T-1} + dh_last,   g_t = dh_t + a_{t+1} g_{t+1},
@@ -60,8 +60,8 @@ void for_each_task(int64_t batch, int64_t steps, int64_t channels, const F& task
 }
 
 template <typename scalar_t>
-void forward_kernel(const scalar_t* a, const scalar_t* x, const scalar_t* h0, const bool* reset, scalar_t* h,
-                    scalar_t* h_last, int64_t B, int64_t T, int64_t D) {
+void forward_kernel(const scalar_t* a, const scalar_t* x, const scalar_t* h0, scalar_t* h, scalar_t* h_last,
+                    int64_t B, int64_t T, int64_t D) {
   for_each_task(B, T, D, [&](int64_t b, int64_t d0, int64_t n) {
     std::vector<scalar_t> buffer(n);
     scalar_t* __restrict__ state = buffer.data();
@@ -71,18 +71,10 @@ void forward_kernel(const scalar_t* a, const scalar_t* x, const scalar_t* h0, co
       const scalar_t* __restrict__ a_t = a + offset;
       const scalar_t* __restrict__ x_t = x + offset;
       scalar_t* __restrict__ h_t = h + offset;
-      if (reset && reset[b * T + t]) {
 #pragma omp simd
-        for (int64_t i = 0; i < n; ++i) {
-          state[i] = x_t[i];
-          h_t[i] = x_t[i];
-        }
-      } else {
-#pragma omp simd
-        for (int64_t i = 0; i < n; ++i) {
-          state[i] = a_t[i] * state[i] + x_t[i];
-          h_t[i] = state[i];
-        }
+      for (int64_t i = 0; i < n; ++i) {
+        state[i] = a_t[i] * state[i] + x_t[i];
+        h_t[i] = state[i];
       }
     }
     std::copy(state, state + n, h_last + b * D + d0);
@@ -90,7 +82,7 @@ void forward_kernel(const scalar_t* a, const scalar_t* x, const scalar_t* h0, co
 }
 
 template <typename scalar_t>
-void backward_kernel(const scalar_t* a, const scalar_t* h, const scalar_t* h0, const bool* reset, const scalar_t* dh,
+void backward_kernel(const scalar_t* a, const scalar_t* h, const scalar_t* h0, const scalar_t* dh,
                      const scalar_t* dh_last, scalar_t* da, scalar_t* dx, scalar_t* dh0, int64_t B, int64_t T,
                      int64_t D) {
   for_each_task(B, T, D, [&](int64_t b, int64_t d0, int64_t n) {
@@ -104,14 +96,7 @@ void backward_kernel(const scalar_t* a, const scalar_t* h, const scalar_t* h0, c
       scalar_t* __restrict__ da_t = da + offset;
       scalar_t* __restrict__ dx_t = dx + offset;
       const scalar_t* __restrict__ h_prev = t > 0 ? h + offset - D : (h0 ? h0 + b * D + d0 : nullptr);
-      if (reset && reset[b * T + t]) {
-#pragma omp simd
-        for (int64_t i = 0; i < n; ++i) {
-          dx_t[i] = dh_t[i] + carry[i];
-          da_t[i] = 0;
-          carry[i] = 0;
-        }
-      } else if (h_prev) {
+      if (h_prev) {
 #pragma omp simd
         for (int64_t i = 0; i < n; ++i) {
           const scalar_t g = dh_t[i] + carry[i];
@@ -133,8 +118,7 @@ void backward_kernel(const scalar_t* a, const scalar_t* h, const scalar_t* h0, c
   });
 }
 
-void check_inputs(const torch::Tensor& a, const torch::Tensor& x, const std::optional<torch::Tensor>& h0,
-                  const std::optional<torch::Tensor>& reset) {
+void check_inputs(const torch::Tensor& a, const torch::Tensor& x, const std::optional<torch::Tensor>& h0) {
   TORCH_CHECK(a.device().is_cpu() && x.device().is_cpu(), "linear_scan cpp backend: tensors must be on the CPU");
   TORCH_CHECK(x.dim() == 3 && a.sizes() == x.sizes(), "linear_scan cpp backend: a and x must both be [B, T, D]");
   TORCH_CHECK(a.scalar_type() == x.scalar_type(), "linear_scan cpp backend: a and x must have the same dtype");
@@ -144,35 +128,28 @@ void check_inputs(const torch::Tensor& a, const torch::Tensor& x, const std::opt
                     h0->scalar_type() == x.scalar_type(),
                 "linear_scan cpp backend: h0 must be a contiguous [B, D] tensor of the same dtype as x");
   }
-  if (reset) {
-    TORCH_CHECK(reset->sizes() == at::IntArrayRef({x.size(0), x.size(1)}) && reset->is_contiguous() &&
-                    reset->scalar_type() == torch::kBool,
-                "linear_scan cpp backend: reset must be a contiguous bool [B, T] tensor");
-  }
 }
 
 // Returns (h [B, T, D], h_last [B, D]).
 std::vector<torch::Tensor> scan_forward(const torch::Tensor& a, const torch::Tensor& x,
-                                        const std::optional<torch::Tensor>& h0,
-                                        const std::optional<torch::Tensor>& reset) {
-  check_inputs(a, x, h0, reset);
+                                        const std::optional<torch::Tensor>& h0) {
+  check_inputs(a, x, h0);
   const int64_t B = x.size(0), T = x.size(1), D = x.size(2);
   auto h = torch::empty_like(x);
   auto h_last = torch::empty({B, D}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "linear_scan_forward", [&] {
     forward_kernel<scalar_t>(a.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(),
-                             h0 ? h0->data_ptr<scalar_t>() : nullptr, reset ? reset->data_ptr<bool>() : nullptr,
-                             h.data_ptr<scalar_t>(), h_last.data_ptr<scalar_t>(), B, T, D);
+                             h0 ? h0->data_ptr<scalar_t>() : nullptr, h.data_ptr<scalar_t>(),
+                             h_last.data_ptr<scalar_t>(), B, T, D);
   });
   return {h, h_last};
 }
 
 // Returns (da [B, T, D], dx [B, T, D], dh0 [B, D]).
 std::vector<torch::Tensor> scan_backward(const torch::Tensor& a, const torch::Tensor& h,
-                                         const std::optional<torch::Tensor>& h0,
-                                         const std::optional<torch::Tensor>& reset, const torch::Tensor& dh,
+                                         const std::optional<torch::Tensor>& h0, const torch::Tensor& dh,
                                          const torch::Tensor& dh_last) {
-  check_inputs(a, h, h0, reset);
+  check_inputs(a, h, h0);
   TORCH_CHECK(dh.sizes() == h.sizes() && dh.is_contiguous() && dh.scalar_type() == h.scalar_type(),
               "linear_scan cpp backend: dh must be a contiguous [B, T, D] tensor of the same dtype as h");
   const int64_t B = h.size(0), T = h.size(1), D = h.size(2);
@@ -184,9 +161,9 @@ std::vector<torch::Tensor> scan_backward(const torch::Tensor& a, const torch::Te
   auto dh0 = torch::empty({B, D}, h.options());
   AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "linear_scan_backward", [&] {
     backward_kernel<scalar_t>(a.data_ptr<scalar_t>(), h.data_ptr<scalar_t>(),
-                              h0 ? h0->data_ptr<scalar_t>() : nullptr, reset ? reset->data_ptr<bool>() : nullptr,
-                              dh.data_ptr<scalar_t>(), dh_last.data_ptr<scalar_t>(), da.data_ptr<scalar_t>(),
-                              dx.data_ptr<scalar_t>(), dh0.data_ptr<scalar_t>(), B, T, D);
+                              h0 ? h0->data_ptr<scalar_t>() : nullptr, dh.data_ptr<scalar_t>(),
+                              dh_last.data_ptr<scalar_t>(), da.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(),
+                              dh0.data_ptr<scalar_t>(), B, T, D);
   });
   return {da, dx, dh0};
 }
@@ -195,9 +172,8 @@ std::vector<torch::Tensor> scan_backward(const torch::Tensor& a, const torch::Te
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "Sequential linear scan h_t = a_t * h_{t-1} + x_t (fp32/fp64, CPU) with its reverse-scan backward";
-  m.def("forward", &scan_forward, "h, h_last = forward(a, x, h0, reset)", pybind11::arg("a"), pybind11::arg("x"),
-        pybind11::arg("h0"), pybind11::arg("reset"));
-  m.def("backward", &scan_backward, "da, dx, dh0 = backward(a, h, h0, reset, dh, dh_last)", pybind11::arg("a"),
-        pybind11::arg("h"), pybind11::arg("h0"), pybind11::arg("reset"), pybind11::arg("dh"),
-        pybind11::arg("dh_last"));
+  m.def("forward", &scan_forward, "h, h_last = forward(a, x, h0)", pybind11::arg("a"), pybind11::arg("x"),
+        pybind11::arg("h0"));
+  m.def("backward", &scan_backward, "da, dx, dh0 = backward(a, h, h0, dh, dh_last)", pybind11::arg("a"),
+        pybind11::arg("h"), pybind11::arg("h0"), pybind11::arg("dh"), pybind11::arg("dh_last"));
 }
