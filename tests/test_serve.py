@@ -1,10 +1,12 @@
 """`kitelm serve`: the OpenAI client against a server on a free loopback port, the engine's batching and kept state,
 chat templates, bad input. Models are tiny random-weight models whose output head cannot pick a non-ASCII byte or
-EOS, so greedy text round-trips through the byte tokenizer and runs for exactly max_tokens."""
+EOS, so greedy text round-trips through the byte tokenizer and runs for exactly max_tokens. Last, the streamed text
+(`LM.stream_ids`, the engine) on random ids, split multi-byte characters included."""
 
 from __future__ import annotations
 
 import json
+import random
 import threading
 import time
 
@@ -14,11 +16,13 @@ import pytest
 import torch
 
 from kitelm.api import LM
-from kitelm.data.tokenizer import ByteTokenizer
+from kitelm.data.corpus import load_corpus
+from kitelm.data.dataset import build_tokenizer
+from kitelm.data.tokenizer import ByteTokenizer, IncrementalDetokenizer, SentencePieceTokenizer
 from kitelm.generate import Sampling, generate_tokens
 from kitelm.models import build_model
 from kitelm.presets import get_preset
-from kitelm.serve.engine import Engine, GenerationParams, Request
+from kitelm.serve.engine import Engine, GenerationParams, Request, _Seq
 from kitelm.serve.server import ServeOptions, ServerThread
 from kitelm.serve.state import load_state, save_state
 from kitelm.serve.templates import ChatTemplate, load_chat_template
@@ -436,26 +440,32 @@ def test_admission_by_memory_runs_only_the_sequences_whose_state_fits():
         engine.stop()
 
 
-def test_convert_carries_the_chat_template_to_the_kitelm_checkpoint(tmp_path):
+def sentencepiece_model(vocab_size: int = 32, **options) -> bytes:
+    """A tiny SentencePiece model (Gemma's special ids: pad 0, eos 1, bos 2, unk 3) trained in-test on ten words."""
     import io
-    import shutil
 
     import sentencepiece as spm
-
-    import kitelm
-    from griffin_reference import reference_griffin
-    from kitelm.convert import convert
 
     words = ["alpha", "beta", "gamma", "delta", "griffin", "hawk", "state", "window", "token", "scan"]
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(sentence_iterator=iter(" ".join(words[(i + j) % 10] for j in range(8))
                                                           for i in range(200)),
-                                   model_writer=buf, vocab_size=32, pad_id=0, eos_id=1, bos_id=2, unk_id=3,
-                                   minloglevel=2)
+                                   model_writer=buf, vocab_size=vocab_size, pad_id=0, eos_id=1, bos_id=2, unk_id=3,
+                                   minloglevel=2, **options)
+    return buf.getvalue()
+
+
+def test_convert_carries_the_chat_template_to_the_kitelm_checkpoint(tmp_path):
+    import shutil
+
+    import kitelm
+    from griffin_reference import reference_griffin
+    from kitelm.convert import convert
+
     src = tmp_path / "official"
     src.mkdir()
     torch.save(reference_griffin(window=2048, vocab=97).state_dict(), src / "griffin.pt")
-    (src / "tokenizer.model").write_bytes(buf.getvalue())
+    (src / "tokenizer.model").write_bytes(sentencepiece_model())
     (src / "tokenizer_config.json").write_text(json.dumps({"chat_template": GEMMA_TEMPLATE, "bos_token": "<bos>",
                                                            "eos_token": "<eos>"}))
     out = convert(src / "griffin.pt", tmp_path / "converted")
@@ -498,3 +508,114 @@ def test_sequences_joining_and_leaving_the_batch_each_get_their_solo_output(pres
         assert engine.batch.n == 0 and engine.reserved == 0
     finally:
         engine.stop()
+
+
+# ---------------------------------------------------------------------- incremental detokenizer
+def decode_every_prefix(tokenizer, ids: list[int]) -> list[str]:
+    """The streamed pieces by decoding every prefix ids[:k] in full (what `LM.stream_ids` did before
+    `IncrementalDetokenizer`): the growth of the text at each k where it does not end in U+FFFD."""
+    shown, pieces = "", []
+    for k in range(1, len(ids) + 1):
+        text = tokenizer.decode(ids[:k])
+        held = text.endswith("\ufffd")  # an incomplete UTF-8 character
+        pieces.append("" if held else text[len(shown):])
+        shown = shown if held else text
+    return pieces
+
+
+@pytest.fixture(scope="module")
+def tokenizers(corpus_dir):
+    """Byte, byte-level BPE (trained on the test corpus, as tests/test_data.py does) and SentencePiece with byte
+    fallback (it drops leading spaces): all three split multi-byte characters over tokens."""
+    return {"byte": ByteTokenizer(), "bpe": build_tokenizer("bpe:600", load_corpus(str(corpus_dir))),
+            "sentencepiece": SentencePieceTokenizer(sentencepiece_model(vocab_size=300, byte_fallback=True,
+                                                                        hard_vocab_limit=False))}
+
+
+@pytest.mark.parametrize("name", ["byte", "bpe", "sentencepiece"])
+def test_incremental_detokenizer_equals_decoding_the_whole_ids(tokenizers, name):
+    tokenizer, rng = tokenizers[name], random.Random(0)
+    for _ in range(200):
+        ids = [rng.randrange(tokenizer.vocab_size) for _ in range(rng.randrange(1, 80))]
+        detokenizer = IncrementalDetokenizer(tokenizer)
+        pieces = []
+        for tok in ids:
+            pieces.append(detokenizer.push([tok]))
+            assert "".join(pieces) + detokenizer.pending == tokenizer.decode(ids[:len(pieces)])
+        assert pieces == decode_every_prefix(tokenizer, ids)
+
+
+class CountingByteTokenizer(ByteTokenizer):
+    def __init__(self):
+        self.decoded = 0  # ids passed to decode, all calls together
+
+    def decode(self, ids) -> str:
+        ids = list(ids)
+        self.decoded += len(ids)
+        return super().decode(ids)
+
+
+def test_stream_decodes_a_bounded_window_per_step(monkeypatch):
+    """`LM.stream_ids` on 2,000 random bytes (no EOS): the pieces of decoding every prefix, for a number of decoded
+    ids that grows linearly with the length (decoding every prefix is n²/2 = 2,000,000)."""
+    rng = random.Random(0)
+    ids = [rng.randrange(256) for _ in range(2000)]
+    decoded = {}
+    for n in (1000, 2000):
+        lm = LM(None, CountingByteTokenizer())
+        monkeypatch.setattr(lm, "generate_ids", lambda prompts, **kw: iter(torch.tensor([t]) for t in ids[:n]))
+        pieces = [step[0] for step in lm.stream_ids([[0]])]
+        decoded[n] = lm.tokenizer.decoded
+        assert pieces == decode_every_prefix(ByteTokenizer(), ids[:n])
+    assert decoded[2000] <= 8 * 2000 and decoded[2000] <= 2.2 * decoded[1000]
+
+
+def stream_by_whole_decoding(tokenizer, ids: list[int], params: GenerationParams) -> list[str]:
+    """The texts of the engine's events for `ids` by its former `_stream`, which decoded the whole text every token:
+    one per token, then the done event's."""
+    emitted, texts = 0, []
+    for n, tok in enumerate(ids, 1):
+        finish = "stop" if tok in params.stop_ids else None
+        text = tokenizer.decode([t for t in ids[:n] if t not in params.stop_ids])
+        hits = [text.find(stop) for stop in params.stop if stop and stop in text]
+        if hits:
+            text, finish = text[:min(hits)], "stop"
+        safe = len(text)
+        if finish is None:
+            if text.endswith("\ufffd"):
+                safe = len(text.rstrip("\ufffd"))
+            for stop in params.stop:
+                for k in range(min(len(stop) - 1, safe), 0, -1):
+                    if text[:safe].endswith(stop[:k]):
+                        safe -= k
+                        break
+        texts.append(text[emitted:safe] if safe > emitted else "")
+        emitted = max(emitted, safe)
+        if finish:
+            return texts + [text[emitted:]]
+    return texts
+
+
+def test_engine_stream_equals_decoding_the_whole_text_every_token():
+    """Random ids from a few letters, the bytes of "é€" and invalid bytes, against stop strings that overlap,
+    hold ASCII or multi-byte characters, and a stop id: the engine sends the same texts at the same tokens."""
+    lm = tiny_lm("griffin-tiny")
+    engine = Engine(lm.model, lm.tokenizer)
+    alphabet = list(b"abc ") + list("é€".encode()) + [0x80, 0xFF]
+    stop_sets = [(), ("abc",), ("c a", "bb", ""), ("é€",), ("€ a", "a b c", "\ufffd")]
+    rng = random.Random(0)
+    for trial in range(200):
+        params = GenerationParams(max_tokens=400, stop=stop_sets[trial % len(stop_sets)],
+                                  stop_ids=frozenset({0xFF} if trial % 2 else ()))
+        ids = [rng.choice(alphabet) for _ in range(rng.randrange(1, 400))]
+        events = []
+        req = Request([1], params, events.append)
+        s = _Seq(req, 0, engine.device, lm.tokenizer)
+        for tok in ids:
+            s.generated.append(tok)
+            s.finish_reason = "stop" if tok in params.stop_ids else None
+            engine._stream(s, tok, None)
+            if s.finish_reason is not None:
+                events.append(engine._done_event(s, None))
+                break
+        assert [e.text for e in events] == stream_by_whole_decoding(lm.tokenizer, ids, params)

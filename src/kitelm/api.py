@@ -9,7 +9,7 @@ import torch
 
 from .config import ModelConfig
 from .convert import detect, load_foreign
-from .data.tokenizer import load_tokenizer
+from .data.tokenizer import IncrementalDetokenizer, load_tokenizer
 from .generate import Sampling, generate_tokens
 from .models import build_model
 from .precision import inference_dtype
@@ -49,24 +49,15 @@ class LM:
         return self.stream_ids([self.encode(p) for p in batch], **kwargs)
 
     def stream_ids(self, prompts: list[list[int]], **kwargs) -> Iterator[list[str]]:
-        """`stream` for prompts given as token ids (`generate_ids`' arguments); a row's text ends at EOS."""
-        generated: list[list[int]] = [[] for _ in prompts]
-        shown = [""] * len(prompts)
+        """`stream` for prompts given as token ids (`generate_ids`' arguments); a row's text ends at EOS. Each row's
+        text comes from an `IncrementalDetokenizer`, so a step decodes a few recent ids, not the whole row."""
+        rows = [IncrementalDetokenizer(self.tokenizer) for _ in prompts]
         finished = [False] * len(prompts)
         for step in self.generate_ids(prompts, **kwargs):
             pieces = []
             for i, tok in enumerate(step.tolist()):
-                if finished[i] or tok == self.tokenizer.eos_id:
-                    finished[i] = True
-                    pieces.append("")
-                    continue
-                generated[i].append(tok)
-                text = self.tokenizer.decode(generated[i])
-                if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for its next byte
-                    pieces.append("")
-                    continue
-                pieces.append(text[len(shown[i]):])
-                shown[i] = text
+                finished[i] = finished[i] or tok == self.tokenizer.eos_id
+                pieces.append("" if finished[i] else rows[i].push([tok]))
             yield pieces
 
     def generate(self, prompts: str | list[str], **kwargs) -> str | list[str]:

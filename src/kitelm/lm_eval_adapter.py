@@ -140,14 +140,16 @@ class KitelmLM(LM):
     def _generate(self, prompts: list[list[int]], until: list[str], max_new: int, temperature: float,
                   top_k: int | None, top_p: float | None) -> list[str]:
         """Decode `prompts` together (`kitelm.LM.stream_ids`); each text stops before its first `until` string or at
-        EOS."""
+        EOS. A row's text held no stop string s before its new piece, so only the end where the piece may complete
+        one, from character len(text) - len(piece) - len(s) + 1 on, is searched."""
         texts, stopped = [""] * len(prompts), [False] * len(prompts)
         for pieces in self.lm.stream_ids(prompts, max_new_tokens=max_new, temperature=temperature, top_k=top_k,
                                          top_p=top_p, seed=0):
             for r, piece in enumerate(pieces):
                 if not stopped[r]:
                     texts[r] += piece
-                    stopped[r] = any(s in texts[r] for s in until)
+                    end = len(texts[r]) - len(piece) + 1
+                    stopped[r] = any(s in texts[r][max(end - len(s), 0):] for s in until)
             if all(stopped):
                 break
         for r, text in enumerate(texts):

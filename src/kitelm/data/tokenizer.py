@@ -166,6 +166,49 @@ class TaskTokenizer:
         return cls(type(get_task(spec["name"]))(**spec))
 
 
+class IncrementalDetokenizer:
+    """The text of a growing list of generated ids, one `push` at a time, decoding only a window of recent ids.
+
+    The ids cannot be decoded one by one and joined: a UTF-8 character may be split over several tokens (byte
+    tokens, byte-level BPE, SentencePiece byte fallback) and SentencePiece drops the leading spaces of what it
+    decodes. With ids[:r] already returned as text and ids[p:r] their context (see below), `push` decodes the window
+    ids[p:] only:
+
+        new = decode(ids[p:])[len(decode(ids[p:r])):]
+
+    It returns `new` and moves r to len(ids), unless `new` is empty or ends in U+FFFD (an incomplete character whose
+    next bytes have not come yet): then it returns "" and `pending` holds `new`. The context moves up to the chunk
+    just returned (p = the old r) when that chunk alone decodes to some text, so that the window never starts with
+    pieces whose spaces SentencePiece would drop; otherwise it keeps the earlier chunks too. So, for the tokenizers
+    here (tests/test_serve.py checks byte, BPE and SentencePiece on random ids), the pieces are those of decoding
+    every prefix ids[:k] in full and sending the growth of the text at each k where it does not end in U+FFFD, and
+    the text returned so far + `pending` == decode(ids) at every step. The window is the last chunk that decodes to
+    text on its own, any chunks since and the ids not yet returned: it grows only while the text keeps ending in
+    U+FFFD, new ids add no text, or the chunks returned are spaces alone.
+    """
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self._window: list[int] = []  # ids[p:]
+        self._read = 0  # r - p: the window's ids already returned as text
+        self._read_text = ""  # decode(ids[p:r])
+        self.pending = ""  # the text of ids[r:], held back: "" or ending in U+FFFD
+
+    def push(self, ids: Iterable[int]) -> str:
+        """Append `ids` and return the text they complete ("" while it is held back)."""
+        self._window.extend(ids)
+        text = self.tokenizer.decode(self._window)
+        new = text[len(self._read_text):]
+        self.pending = "" if new and not new.endswith("\ufffd") else new
+        if self.pending or not new:
+            return ""
+        chunk = self._window[self._read:]
+        chunk_text = self.tokenizer.decode(chunk)
+        self._window, self._read_text = (chunk, chunk_text) if chunk_text else (self._window, text)
+        self._read = len(self._window)
+        return new
+
+
 def parse_tokenizer_spec(spec: str) -> tuple[str, int | None]:
     """`byte` or `bpe:N` (N ≥ 512) → (kind, vocab size)."""
     if spec == "byte":

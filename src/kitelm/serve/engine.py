@@ -28,6 +28,7 @@ from typing import Callable
 
 import torch
 
+from ..data.tokenizer import IncrementalDetokenizer
 from ..errors import KitelmError
 from ..generate import Sampling, sample_next
 from .state import RowBatch, gather, is_bounded, state_nbytes
@@ -116,17 +117,20 @@ class Request:
 
 
 class _Seq:
-    def __init__(self, req: Request, index: int, device: torch.device):
+    def __init__(self, req: Request, index: int, device: torch.device, tokenizer):
         self.req, self.index, self.params = req, index, req.params
         seed = None if req.params.seed is None else req.params.seed + index  # choice i of n: seed + i
         self.generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
         self.generated: list[int] = []
         self.logits: torch.Tensor | None = None
         self.argmax: int | None = None  # argmax of `logits`, computed for the whole batch at once
-        self.emitted = 0
+        self.emitted = 0  # characters of the text sent
         self.cached = 0
         self.finish_reason: str | None = None
-        self.text = ""
+        self.detokenizer = IncrementalDetokenizer(tokenizer)  # fed the generated ids but the stop ids
+        self.start = 0  # `final` and `text` are the text from this character on (see Engine._stream)
+        self.final = ""  # what `detokenizer` returned
+        self.text = ""  # `final` + the detokenizer's pending text, cut before a stop string
         self.prompt_logprobs: list[TokenLogprob | None] | None = None
         self.offset = 0 if req.start_state is None else int(req.start_state.next_pos[0])  # tokens before the prompt
 
@@ -347,7 +351,7 @@ class Engine:
         last = logits[-1]
         if p.req.start_state is None:
             self.state_cache.put(prompt, gather(self.model, [(p.cache, [0])]))
-        seqs = [_Seq(p.req, i, self.device) for i in range(p.req.n)]
+        seqs = [_Seq(p.req, i, self.device, self.tokenizer) for i in range(p.req.n)]
         for s in seqs:
             s.logits, s.cached = last, p.cached
         if params.max_tokens == 0:
@@ -406,26 +410,37 @@ class Engine:
         return tok, lp
 
     def _stream(self, s: _Seq, tok: int, lp: TokenLogprob | None) -> None:
-        """Send the new text of `s`; text that may start a stop string, or an incomplete UTF-8 character, waits."""
-        stop_ids = s.params.stop_ids
-        text = self.tokenizer.decode([t for t in s.generated if t not in stop_ids])
-        if s.params.stop:
-            hits = [(text.find(stop), stop) for stop in s.params.stop if stop and stop in text]
-            if hits:
-                text = text[:min(h for h, _ in hits)]
-                s.finish_reason = "stop"
+        """Send the new text of `s`; text that may start a stop string, or an incomplete UTF-8 character, waits.
+
+        The text is T = decode(the generated ids but the stop ids) = F + P, F the detokenizer's returned text (which
+        never ends in U+FFFD) and P its pending text. Only T's end is kept, `s.text` = T[s.start:], with
+        s.start ≤ s.emitted and s.start ≤ max(0, len(F before this token) - M), M = Σ (len(stop) - 1): enough to
+        find the first stop string (none lies wholly in the previous F, or an earlier step would have stopped) and
+        to hold back a stop string's beginning before any trailing U+FFFD.
+        """
+        stops = s.params.stop
+        searched = s.start + len(s.final)  # len(F) before this token
+        if tok not in s.params.stop_ids:
+            s.final += s.detokenizer.push([tok])
+        text = s.final + s.detokenizer.pending  # T[s.start:]
+        hits = [text.find(stop, max(searched - s.start - len(stop) + 1, 0)) for stop in stops if stop]
+        if any(h >= 0 for h in hits):
+            text = text[:min(h for h in hits if h >= 0)]
+            s.finish_reason = "stop"
         safe = len(text)
         if s.finish_reason is None:
             if text.endswith("\ufffd"):
                 safe = len(text.rstrip("\ufffd"))
-            for stop in s.params.stop:
+            for stop in stops:
                 for k in range(min(len(stop) - 1, safe), 0, -1):
-                    if text[:safe].endswith(stop[:k]):
+                    if text.endswith(stop[:k], 0, safe):
                         safe -= k
                         break
-        s.text = text
-        delta = text[s.emitted:safe] if safe > s.emitted else ""
-        s.emitted = max(s.emitted, safe)
+        sent = s.emitted - s.start
+        delta = text[sent:safe] if safe > sent else ""
+        s.emitted = max(s.emitted, s.start + safe)
+        start = max(s.start, min(s.emitted, s.start + len(s.final) - sum(max(len(stop) - 1, 0) for stop in stops)))
+        s.final, s.text, s.start = s.final[start - s.start:], text[start - s.start:], start
         self._emit(s.req, Event("token", index=s.index, text=delta, token_ids=[tok],
                                 logprobs=[lp] if lp is not None else []))
 
@@ -452,7 +467,7 @@ class Engine:
             self.running.pop()
 
     def _done_event(self, s: _Seq, prompt_logprobs, state=None, unabsorbed=None) -> Event:
-        rest, s.emitted = s.text[s.emitted:], len(s.text)
+        rest, s.emitted = s.text[s.emitted - s.start:], s.start + len(s.text)
         return Event("done", index=s.index, text=rest, finish_reason=s.finish_reason,
                      prompt_tokens=len(s.req.prompt_ids), completion_tokens=len(s.generated), cached_tokens=s.cached,
                      prompt_logprobs=prompt_logprobs, state=state, unabsorbed=unabsorbed)
