@@ -23,7 +23,7 @@ def _tiny(corpus_dir) -> ReproduceScale:
                         ("Griffin", "griffin-tiny"), ("Griffin-SAS", "griffin-sas-tiny")), seeds=1,
         throughput_models=("transformer-tiny", "griffin-tiny"),
         lm_models=(("Griffin", "griffin-tiny"), ("Transformer", "transformer-tiny")),
-        task_models=(("Griffin", "griffin-tiny"), ("Hawk", "hawk-tiny"), ("Transformer", "transformer-tiny")),
+        task_models=(("Griffin", "griffin-tiny", ()), ("Hawk", "hawk-tiny", ()), ("Transformer", "transformer-tiny", ())),
         tasks=("induction",), sample_models=("griffin-tiny", "transformer-tiny"), prompt_len=8,
         sample_lengths=(4, 16), memory_models=("griffin-tiny", "transformer-tiny"), memory_lengths=(64, 256),
         rss_max_len=0)
@@ -129,8 +129,8 @@ def _task_result(final: float, curve: list[float]) -> dict:
 def test_tasks_verdict_is_inconclusive_when_no_model_learned_and_judges_speed_by_the_whole_curve():
     chance = 2.7726  # ln 16
     at_chance = {m: _task_result(chance - 0.05, [chance, chance - 0.05]) for m in ("Griffin", "Hawk", "Transformer")}
-    [claim] = claims_tasks({"results": {"induction": at_chance}})
-    assert claim["verdict"] == "inconclusive" and "no model learned it" in claim["ours"]
+    hawk, griffin = claims_tasks({"results": {"induction": at_chance}})
+    assert hawk["verdict"] == griffin["verdict"] == "inconclusive" and "no model learned it" in hawk["ours"]
 
     # all three end at zero loss; Hawk got there last, which only the mean over the curve shows
     learned = {"Griffin": _task_result(0.0, [2.0, 0.1, 0.0]), "Transformer": _task_result(0.0, [1.8, 0.0, 0.0]),
@@ -141,6 +141,20 @@ def test_tasks_verdict_is_inconclusive_when_no_model_learned_and_judges_speed_by
     learned["Hawk"] = _task_result(0.0, [1.8, 0.0, 0.0])
     mixed = {"induction": learned, "selective-copy": at_chance}  # one task learned, the other not: judged on one
     assert claims_tasks({"results": mixed})[0]["verdict"] == "does not"
+
+
+def test_tasks_verdict_judges_griffin_against_the_transformer_on_each_learned_task():
+    fast, slow = _task_result(0.0, [1.0, 0.0, 0.0]), _task_result(0.0, [2.7, 2.0, 0.0])
+    hawk = _task_result(2.7, [2.7, 2.7, 2.7])
+    def griffin_verdict(results):
+        return claims_tasks({"results": results})[1]["verdict"]
+
+    assert griffin_verdict({"induction": {"Griffin": fast, "Transformer": slow, "Hawk": hawk}}) == "holds"  # faster
+    assert griffin_verdict({"induction": {"Griffin": slow, "Transformer": slow, "Hawk": hawk}}) == "holds"  # equal
+    assert griffin_verdict({"induction": {"Griffin": slow, "Transformer": fast, "Hawk": hawk}}) == "does not"
+    both = {"induction": {"Griffin": slow, "Transformer": fast, "Hawk": hawk},
+            "selective-copy": {"Griffin": fast, "Transformer": fast, "Hawk": hawk}}
+    assert griffin_verdict(both) == "partly"
 
 
 def test_blocks_speed_claim_uses_the_studys_tokens_per_second():

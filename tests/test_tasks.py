@@ -26,13 +26,22 @@ def test_selective_copy_answers_are_the_scattered_symbols_in_order():
         assert row[task.length] == task.n_symbols + 1  # SEP
 
 
-def test_induction_answer_follows_the_first_trigger():
+def test_induction_answers_follow_each_keys_first_occurrence():
     task = Induction()
     tokens, mask = _sample(task)
-    trigger = task.n_symbols + 1
+    assert mask.sum(-1).eq(task.n_pairs).all()
     for row, m in zip(tokens, mask):
-        first = (row == trigger).nonzero()[0].item()
-        assert row[1:][m].tolist() == [row[first + 1].item()] and row[-2] == trigger
+        answers = m.nonzero().flatten() + 1  # positions in `row` of the scored tokens
+        for at in answers.tolist():
+            key = row[at - 1].item()
+            assert key > task.n_symbols and (row == key).sum() == 2  # a key occurs exactly twice
+            first = (row == key).nonzero()[0].item()
+            assert first < at - 1 and row[at] == row[first + 1]
+
+
+def test_induction_refuses_more_pairs_than_keys():
+    with pytest.raises(ConfigError, match="n_pairs <= n_keys"):
+        Induction(n_pairs=20)
 
 
 def test_phonebook_answer_is_the_queried_number():

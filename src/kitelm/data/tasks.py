@@ -5,8 +5,8 @@ scored (loss and exact-match accuracy). Token 0 is padding/blank; the last ids a
 
 - `selective-copy`: `n_data` symbols scattered at random positions among blanks, then SEP, then the same symbols in
   order (Arjovsky et al. 2016; Gu & Dao 2023). Needs content-dependent selection.
-- `induction`: random symbols; somewhere a TRIGGER followed by a key; the sequence ends with TRIGGER and the model
-  must produce the key (Olsson et al. 2022). Needs copying from an arbitrary distance.
+- `induction`: several key → value pairs scattered in random symbols, then every key again and the model must produce
+  its value (Olsson et al. 2022's `A B … A → B`, one answer per pair). Needs copying from an arbitrary distance.
 - `phonebook`: `n_entries` lines `name : number ;` then `? name :` and the number (Jelassi et al. 2024, as in the
   Griffin paper's retrieval experiment). Needs retrieval of several tokens.
 """
@@ -54,16 +54,33 @@ class SelectiveCopy:
 
 @dataclass(frozen=True)
 class Induction:
+    """`n_pairs` distinct keys, each followed by a value symbol, at random places in random filler; then the recall
+    part: every key again, in a random order, each followed by its value. A key occurs exactly twice, so at its second
+    occurrence the answer is the token after its first (the induction pattern `A B … A → B`, Olsson et al. 2022); with
+    several pairs and every recalled value scored (as in multi-query associative recall, Arora et al. 2023) a sample
+    carries `n_pairs` supervised tokens instead of one.
+
+    Layout of `tokens [length + 1]`: context (filler and pairs, `length + 1 − 2·n_pairs` tokens) | k v k v … (recall).
+    """
+
     name: str = "induction"
-    length: int = 128
+    length: int = 64
+    n_pairs: int = 16  # 16 answers of 64 tokens: dense enough for a tiny Transformer to learn it in ~4,000 steps
+    n_keys: int = 16
     n_symbols: int = 16
+
+    def __post_init__(self):
+        if not 1 <= self.n_pairs <= self.n_keys or self.length + 1 - 2 * self.n_pairs < 2 * self.n_pairs:
+            raise ConfigError(f"induction needs 1 <= n_pairs <= n_keys and room for {self.n_pairs} pairs in the "
+                              f"context; got length={self.length}, n_pairs={self.n_pairs}, n_keys={self.n_keys}")
 
     @property
     def vocab_size(self) -> int:
-        return self.n_symbols + 2  # pad, symbols, TRIGGER
+        return 1 + self.n_symbols + self.n_keys  # pad, symbols (filler and values), keys
 
     @property
     def chance_loss(self) -> float:
+        """Answer loss of a model that knows only that a value is one of the symbols: ln(n_symbols) nats."""
         return math.log(self.n_symbols)
 
     @property
@@ -71,15 +88,20 @@ class Induction:
         return self.length
 
     def sample(self, g: torch.Generator, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-        trigger = self.n_symbols + 1
+        context = self.length + 1 - 2 * self.n_pairs
+        keys = 1 + self.n_symbols + torch.rand(batch, self.n_keys, generator=g).argsort(-1)[:, : self.n_pairs]
+        values = torch.randint(1, self.n_symbols + 1, (batch, self.n_pairs), generator=g)
+        # Non-overlapping pair starts, uniform over placements: sorted distinct s_i in [0, context − n_pairs), + i.
+        slots = torch.rand(batch, context - self.n_pairs, generator=g).argsort(-1)[:, : self.n_pairs].sort(-1).values
+        starts = slots + torch.arange(self.n_pairs)
         tokens = torch.randint(1, self.n_symbols + 1, (batch, self.length + 1), generator=g)
-        key = torch.randint(1, self.n_symbols + 1, (batch,), generator=g)
-        at = torch.randint(0, self.length - 3, (batch,), generator=g)
-        rows = torch.arange(batch)
-        tokens[rows, at], tokens[rows, at + 1] = trigger, key
-        tokens[:, -2], tokens[:, -1] = trigger, key
+        tokens.scatter_(1, starts, keys)
+        tokens.scatter_(1, starts + 1, values)
+        order = torch.rand(batch, self.n_pairs, generator=g).argsort(-1)
+        recall = torch.stack([keys.gather(1, order), values.gather(1, order)], -1).reshape(batch, -1)
+        tokens[:, context:] = recall
         mask = torch.zeros(batch, self.seq_len, dtype=torch.bool)
-        mask[:, -1] = True
+        mask[:, context::2] = True  # targets at context+1, context+3, …: the recalled values
         return tokens, mask
 
 

@@ -69,18 +69,20 @@ def exp_extrapolation(scale: ReproduceScale, out: Path, log) -> dict:
 
 
 def exp_tasks(scale: ReproduceScale, out: Path, log) -> dict:
-    recipe = StudyRecipe(steps=scale.task_steps, batch_size=scale.batch_size, eval_points=5, eval_tokens=8192)
+    recipe = StudyRecipe(steps=scale.task_steps, batch_size=scale.batch_size, lr=scale.task_lr, eval_points=10,
+                         eval_tokens=8192, dtype=scale.dtype)
     results: dict[str, dict] = {}
     for task in scale.tasks:
-        for label, preset in scale.task_models:
-            log(f"tasks: training {label} ({preset}) on {task}, {scale.task_steps} steps")
-            folder = out / task / preset
-            trainer = Trainer(get_preset(preset), replace(recipe.train_config(folder, seed=0), task=task),
+        for label, config in scale.task_configs():
+            log(f"tasks: training {label} ({config.name}) on {task}, {scale.task_steps} steps at LR {scale.task_lr:g}")
+            folder = out / task / label.lower()
+            trainer = Trainer(config, replace(recipe.train_config(folder, seed=0), task=task),
                               overwrite=True)  # an interrupted experiment's runs start again
             trainer.train()
             r = evaluate_checkpoint(folder, out=folder / "eval")
             curve = [(m["step"], m["val_loss"]) for m in trainer.metrics if "val_loss" in m]
-            results.setdefault(task, {})[label] = {"loss": r["loss"], "accuracy": r["accuracy"], "curve": curve}
+            results.setdefault(task, {})[label] = {"model": config.name, "loss": r["loss"], "accuracy": r["accuracy"],
+                                                   "curve": curve}
     _plot_tasks(results, out / "tasks.png")
     return {"corpus": "synthetic tasks (kitelm.data.tasks), generated in-process", "results": results}
 
