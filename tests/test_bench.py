@@ -30,3 +30,23 @@ def test_a_childs_peak_rss_is_its_own_not_its_parents():
     child_peak = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
                      .stdout.split()[-1])
     assert 50 << 20 < child_peak < parent_peak // 2  # a Python with torch and a tiny model: a few hundred MiB
+
+
+def test_decode_bench_builds_the_transformers_peer_in_the_dtype_asked(monkeypatch):
+    """The peer row is transformers' model at the preset's sizes, built in the dtype asked (no fp32 copy for bf16),
+    with the same fields as kitelm's rows; torch's default dtype is restored. Its timings are not checked."""
+    pytest.importorskip("transformers")
+    import torch
+
+    from kitelm.experiments.bench import decode
+    from kitelm.experiments.bench.decode import build_peer, measure_peer
+
+    monkeypatch.setattr(decode, "read_bandwidth", lambda: 1e10)  # a measurement (seconds of DRAM reads), not tested
+
+    for dtype, want in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        name, model = build_peer("griffin-tiny", dtype)
+        assert name == "transformers RecurrentGemma" and {p.dtype for p in model.parameters()} == {want}
+        assert torch.get_default_dtype() == torch.float32
+    row = measure_peer("griffin-tiny", "fp32", steps=3)
+    assert row["weights"] == "transformers RecurrentGemma fp32"
+    assert {"ms_per_token", "ms_per_token_median", "floor_ms", "of_floor", "stored_GB", "peak_rss_GB"} <= set(row)

@@ -23,7 +23,8 @@ def _tiny(corpus_dir) -> ReproduceScale:
                         ("Griffin", "griffin-tiny"), ("Griffin-SAS", "griffin-sas-tiny")), seeds=1,
         throughput_models=("transformer-tiny", "griffin-tiny"),
         lm_models=(("Griffin", "griffin-tiny"), ("Transformer", "transformer-tiny")),
-        task_models=(("Griffin", "griffin-tiny", ()), ("Hawk", "hawk-tiny", ()), ("Transformer", "transformer-tiny", ())),
+        task_models=(("Griffin", "griffin-tiny", ()), ("Hawk", "hawk-tiny", ()),
+                     ("Transformer", "transformer-tiny", ())),
         tasks=("induction",), sample_models=("griffin-tiny", "transformer-tiny"), prompt_len=8,
         sample_lengths=(4, 16), memory_models=("griffin-tiny", "transformer-tiny"), memory_lengths=(64, 256),
         rss_max_len=0)

@@ -55,12 +55,13 @@ class SelectiveCopy:
 @dataclass(frozen=True)
 class Induction:
     """`n_pairs` distinct keys, each followed by a value symbol, at random places in random filler; then the recall
-    part: every key again, in a random order, each followed by its value. A key occurs exactly twice, so at its second
-    occurrence the answer is the token after its first (the induction pattern `A B … A → B`, Olsson et al. 2022); with
-    several pairs and every recalled value scored (as in multi-query associative recall, Arora et al. 2023) a sample
-    carries `n_pairs` supervised tokens instead of one.
+    part: every key again, in a random order, each followed by its value. A key occurs exactly twice, so at its
+    second occurrence the answer is the token after its first (the induction pattern `A B … A → B`, Olsson et al.
+    2022); with several pairs and every recalled value scored (as in multi-query associative recall, Arora et al.
+    2023) a sample carries `n_pairs` supervised tokens instead of one.
 
-    Layout of `tokens [length + 1]`: context (filler and pairs, `length + 1 − 2·n_pairs` tokens) | k v k v … (recall).
+    Layout of `tokens [length + 1]`: context (filler and pairs, `length + 1 − 2·n_pairs` tokens) | k v k v …
+    (the recall part, `2·n_pairs` tokens).
     """
 
     name: str = "induction"

@@ -66,7 +66,7 @@ class BenchSettings(Sizes):
     memory_lengths: list[int] = field(default_factory=lambda: [1024, 4096, 16384, 65536])
     rss_max_len: int = 16384
     scan_shapes: list[tuple[int, int, int]] = field(default_factory=lambda: [(8, 4096, 1024), (8, 1024, 256)])
-    peers: bool = True  # also measure the installed HF peers (train, sample)
+    peers: bool = True  # also measure the installed HF peers (train, sample, decode)
     # `serve`: concurrent streaming chat clients against `kitelm serve` (experiments/bench/serve.py)
     serve_models: list[str] = field(default_factory=lambda: ["griffin-small", "transformer-small"])
     serve_clients: list[int] = field(default_factory=lambda: [1, 4, 16, 64])
@@ -203,7 +203,8 @@ class ReproduceScale(StudyRecipe):
 
     def task_configs(self) -> list[tuple[str, ModelConfig]]:
         """(label, model config) of each model of the tasks experiment."""
-        return [(label, get_preset(p).with_overrides(list(o)) if o else get_preset(p)) for label, p, o in self.task_models]
+        return [(label, get_preset(p).with_overrides(list(o)) if o else get_preset(p))
+                for label, p, o in self.task_models]
 
     def bench(self, **changes) -> BenchSettings:
         """Bench settings at this scale's batch, context and repeats, with `changes` (the models and lengths)."""

@@ -6,7 +6,9 @@ block by block (a block in fp32 at a time, then quantized: a 9B model never exis
   measured in the same process (`torch.sum` over 1 GiB, far beyond the 480 MiB L3 of the Sapphire-Rapids VM);
 * prefill tokens/s per prompt length, beside the GEMM bound (forward FLOPs/token ÷ the measured peak of the dtype
   the tiled path uses: bf16 where native, else fp32);
-* batched decode tokens/s at each batch size; peak RSS.
+* batched decode tokens/s at each batch size; peak RSS;
+* with `settings.peers`, transformers' model at the same configuration (random weights; fp32, and bf16 where the
+  CPU has native bf16): its batch-1 `generate` ms/token after the same prompt, beside its own byte floor.
 """
 
 from __future__ import annotations
@@ -29,7 +31,9 @@ NOTE = ("Random-weight model per format in its own process (fp32 = the unquantiz
         "`kitelm quantize` storage: Linear layers and the tied embedding, RG-LRU and norms fp32). ms/token: batch-1 "
         "greedy decode after a 64-token prompt, fastest of the timed steps (median beside it). Floor: stored weight "
         "bytes ÷ read bandwidth measured in the same process. Prefill: tokens/s of one pass into the cache vs the "
-        "GEMM bound (2·N FLOPs/token ÷ measured peak of the compute dtype). Batched: decode tokens/s at B rows.")
+        "GEMM bound (2·N FLOPs/token ÷ measured peak of the compute dtype). Batched: decode tokens/s at B rows. "
+        "transformers rows: its model at the same configuration, random weights, batch-1 `generate` after the same "
+        "prompt (fastest gap between two tokens).")
 WEIGHTS = ("fp32", "bf16", "int8", "int4")
 
 
@@ -138,16 +142,50 @@ def measure(preset: str, weights: str, group_size: int, embedding: bool, prompt_
     return row
 
 
+def build_peer(preset: str, dtype: str, seed: int = 0) -> tuple[str, nn.Module]:
+    """(name, transformers' model at `preset`'s configuration with random weights), built directly in `dtype`
+    ('fp32' | 'bf16': no fp32 copy of a bf16 model ever exists)."""
+    from .peers import peer_for
+
+    torch.manual_seed(seed)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16 if dtype == "bf16" else torch.float32)
+    try:
+        return peer_for(get_preset(preset))
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def measure_peer(preset: str, dtype: str, steps: int) -> dict:
+    """transformers' model at `preset`'s configuration with random weights in `dtype` ('fp32' | 'bf16'), in this
+    process: batch-1 greedy `generate` after a 64-token prompt, ms/token = fastest gap between two tokens' arrivals
+    (median beside it), and the byte floor of its weights."""
+    from .peers import hf_token_arrivals
+
+    start = time.perf_counter()
+    name, model = build_peer(preset, dtype)
+    built = time.perf_counter() - start
+    nbytes = stored_bytes(model)
+    prompt = torch.randint(0, model.config.vocab_size, (64,)).tolist()
+    with torch.inference_mode():
+        bw = max(read_bandwidth(), 1.0)
+        _, arrivals = hf_token_arrivals(model, prompt, steps + 1)
+        bw = max(bw, read_bandwidth())
+    gaps = sorted(b - a for a, b in zip(arrivals, arrivals[1:]))
+    best, median, floor = gaps[0], gaps[len(gaps) // 2], nbytes / bw
+    return {"model": preset, "weights": f"{name} {dtype}", "build_s": round(built, 1),
+            "stored_GB": round(nbytes / 1e9, 3), "read_GBps": round(bw / 1e9, 1), "ms_per_token": round(1e3 * best, 1),
+            "ms_per_token_median": round(1e3 * median, 1), "floor_ms": round(1e3 * floor, 1),
+            "of_floor": round(floor / best, 2), "tok_per_s": round(1 / best, 2),
+            "peak_rss_GB": round(peak_rss_bytes() / 1e9, 2)}
+
+
 def _param_count(config) -> int:
     return sum(t.numel() for t in build_model(config, device="meta").state_dict().values())
 
 
-def _child(preset: str, weights: str, settings) -> dict:
-    args = dict(preset=preset, weights=weights, group_size=settings.decode_group_size,
-                embedding=settings.decode_embedding, prompt_lens=settings.decode_prompt_lens,
-                batches=settings.decode_batches, steps=settings.decode_steps)
-    code = ("import json; from kitelm.experiments.bench.decode import measure; "
-            f"print('RESULT ' + json.dumps(measure(**{args!r})))")
+def _child(code: str, preset: str, weights: str) -> dict:
+    """The row that `code` prints (as `RESULT <json>`) in a fresh Python with the allocator settings."""
     env = {**os.environ, **ALLOCATOR_ENV}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     for line in done.stdout.splitlines():
@@ -157,12 +195,46 @@ def _child(preset: str, weights: str, settings) -> dict:
     return {"model": preset, "weights": weights, "error": tail[:300]}
 
 
+def peer_dtypes() -> list[str]:
+    """The dtypes transformers' model is measured in: fp32, and bf16 where the CPU has native bf16."""
+    from ...precision import native_bf16
+
+    return ["fp32", "bf16"] if native_bf16() else ["fp32"]
+
+
 def run(settings, machine: dict, log) -> list[dict]:
+    from ...resources import available_memory
+    from .peers import peer_name
+
     rows = []
     for preset in settings.decode_models:
+        jobs: list[tuple[str, str | None]] = []  # (weights, the call that measures them, or None: skipped)
         for weights in settings.decode_weights:
+            args = dict(preset=preset, weights=weights, group_size=settings.decode_group_size,
+                        embedding=settings.decode_embedding, prompt_lens=settings.decode_prompt_lens,
+                        batches=settings.decode_batches, steps=settings.decode_steps)
+            jobs.append((weights, f"from kitelm.experiments.bench.decode import measure; r = measure(**{args!r})"))
+        name = peer_name(get_preset(preset)) if settings.peers else None
+        for dtype in peer_dtypes() if name else []:
+            args = dict(preset=preset, dtype=dtype, steps=settings.decode_steps)
+            jobs.append((f"{name} {dtype}",
+                         f"from kitelm.experiments.bench.decode import measure_peer; r = measure_peer(**{args!r})"))
+        for weights, call in jobs:
             log(f"decode: {preset} {weights} ...")
-            row = _child(preset, weights, settings)
+            need = _peer_bytes(preset, weights)
+            available = available_memory()
+            if need and available is not None and need > available:
+                row = {"model": preset, "weights": weights,
+                       "error": f"skipped: needs {need / 2**30:.1f} GiB, {available / 2**30:.1f} GiB available"}
+            else:
+                row = _child(f"import json; {call}; print('RESULT ' + json.dumps(r))", preset, weights)
             log("  " + ", ".join(f"{k} {v}" for k, v in row.items() if k not in ("model", "weights")))
             rows.append(row)
     return rows
+
+
+def _peer_bytes(preset: str, weights: str) -> int:
+    """Bytes of the peer's weights for a peer row (0 for kitelm's own formats, checked by BenchSettings.check)."""
+    if not weights.startswith("transformers"):
+        return 0
+    return (2 if weights.endswith("bf16") else 4) * _param_count(get_preset(preset))

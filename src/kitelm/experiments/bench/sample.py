@@ -11,7 +11,7 @@ import torch
 from ...presets import get_preset
 from ...generate import Sampling, generate_tokens
 from ...models import build_model
-from .peers import peer_for
+from .peers import hf_token_arrivals, peer_for
 from .report import model_lines
 
 NOTE = ("Greedy decoding at batch 1 after the prompt; throughput = N / time to the N-th token; decode rate = "
@@ -19,35 +19,10 @@ NOTE = ("Greedy decoding at batch 1 after the prompt; throughput = N / time to t
         "grow by concatenation).")
 
 
-class _TimingStreamer:
-    """HF `generate` streamer that records the arrival time of every generated token (the first put is the prompt)."""
-
-    def __init__(self):
-        self.times: list[float] = []
-        self._prompt_seen = False
-
-    def put(self, value):
-        if self._prompt_seen:
-            self.times.append(time.perf_counter())
-        self._prompt_seen = True
-
-    def end(self):
-        pass
-
-
 def _arrivals_ours(model, prompt: list[int], n: int) -> tuple[float, list[float]]:
     start = time.perf_counter()
     times = [time.perf_counter() for _ in generate_tokens(model, [prompt], n, Sampling(temperature=0))]
     return start, times
-
-
-@torch.no_grad()
-def _arrivals_hf(model, prompt: list[int], n: int) -> tuple[float, list[float]]:
-    streamer = _TimingStreamer()
-    start = time.perf_counter()
-    model.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False, streamer=streamer,
-                   pad_token_id=0)
-    return start, streamer.times
 
 
 def _summarise(start: float, times: list[float], lengths: list[int]) -> list[dict]:
@@ -72,7 +47,7 @@ def run(settings, machine: dict, log) -> list[dict]:
         candidates = [("kitelm", ours, _arrivals_ours, max(lengths))]
         peer = peer_for(config) if settings.peers else None
         if peer is not None:  # HF's growing caches make very long runs take hours: capped at peer_max_len
-            candidates.append((peer[0], peer[1], _arrivals_hf, min(max(lengths), settings.peer_max_len)))
+            candidates.append((peer[0], peer[1], hf_token_arrivals, min(max(lengths), settings.peer_max_len)))
         for impl, model, arrivals, n in candidates:
             arrivals(model, prompt[:16], 4)  # warm-up: compiles/loads kernels and allocator pools before timing
             start, times = arrivals(model, prompt, n)

@@ -180,5 +180,6 @@ def claims_tasks(data: dict) -> list[dict]:
              "paper": "Hawk slow on selective copying and induction heads (§6)", "ours": ours,
              "verdict": judged(hawk_slower)},
             {"claim": "Griffin learns copying / induction as fast as the Transformer",
-             "paper": "Griffin about as fast as the Transformer on both (§6)", "ours": "; ".join(pairs) + " (mean validation answer loss over training)" if pairs else ours,
+             "paper": "Griffin about as fast as the Transformer on both (§6)",
+             "ours": "; ".join(pairs) + " (mean validation answer loss over training)" if pairs else ours,
              "verdict": judged(griffin_not_slower)}]
