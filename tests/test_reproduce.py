@@ -158,6 +158,16 @@ def test_tasks_verdict_judges_griffin_against_the_transformer_on_each_learned_ta
     assert griffin_verdict(both) == "partly"
 
 
+def test_tasks_verdict_skips_a_pair_neither_of_which_learned_the_task():
+    """Griffin learned induction; Hawk and the Transformer both sat near chance: Hawk is judged against Griffin only."""
+    griffin, stuck = _task_result(0.0, [0.5, 0.0, 0.0]), _task_result(2.7, [2.77, 2.75, 2.7])
+    hawk, transformer = claims_tasks({"results": {"induction": {"Griffin": griffin, "Hawk": stuck,
+                                                               "Transformer": stuck}}})
+    assert hawk["verdict"] == "holds" and transformer["verdict"] == "holds"
+    hawk, _ = claims_tasks({"results": {"induction": {"Griffin": stuck, "Hawk": stuck, "Transformer": stuck}}})
+    assert hawk["verdict"] == "inconclusive"
+
+
 def test_blocks_speed_claim_uses_the_studys_tokens_per_second():
     def variant(label, loss, speed):
         return {"label": label, "final_val_loss": loss, "tokens_per_s": speed}

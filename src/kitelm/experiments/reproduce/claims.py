@@ -148,26 +148,30 @@ def claims_extrapolation(data: dict) -> list[dict]:
 
 def claims_tasks(data: dict) -> list[dict]:
     """Learning speed = mean validation answer loss over the training curve (the area under it), so that two models
-    that both end at zero loss still differ by how soon they got there. Griffin §6 makes two claims, judged on every
-    task that some model learned (a task no model learned says nothing about speed):
+    that both end at zero loss still differ by how soon they got there. Griffin §6 makes two claims, each judged on
+    pairs of models per task; a pair neither of whose models learned the task says nothing about which learns faster
+    and is not judged:
 
-    * Hawk is slower than Griffin and the Transformer: each (task, Griffin or Transformer) pair is judged, "holds" if
-      Hawk is slower in all, "partly" in some;
+    * Hawk is slower than Griffin and the Transformer: each (task, Griffin or Transformer) pair, "holds" if Hawk is
+      slower in all, "partly" in some;
     * Griffin is as fast as the Transformer: "holds" if Griffin is not slower on any task, "partly" on some.
 
-    A model is slower than another when its mean loss exceeds the other's by `SLOWER_NATS`. Where no model learned
-    any task both verdicts are "inconclusive" (the budget was too small), not "holds"."""
+    A model is slower than another when its mean loss exceeds the other's by `SLOWER_NATS`. Where no pair can be
+    judged (no model learned anything) a verdict is "inconclusive" (the budget was too small), not "holds"."""
     hawk_slower, griffin_not_slower, parts, pairs = [], [], [], []
     for task, models in data["results"].items():
         chance = get_task(task).chance_loss
         mean = {m: sum(loss for _, loss in r["curve"]) / len(r["curve"]) for m, r in models.items()}
         learned = [m for m, r in models.items() if r["loss"] < chance - LEARNED_NATS]
-        if learned:
-            hawk_slower += [mean["Hawk"] > mean[m] + SLOWER_NATS for m in ("Griffin", "Transformer")
-                            if m in mean and "Hawk" in mean]
-            if "Griffin" in mean and "Transformer" in mean:
-                griffin_not_slower.append(mean["Griffin"] <= mean["Transformer"] + SLOWER_NATS)
-                pairs.append(f"{task}: Griffin {mean['Griffin']:.2f} vs Transformer {mean['Transformer']:.2f} nats")
+
+        def judged_pair(a: str, b: str) -> bool:
+            return a in mean and b in mean and (a in learned or b in learned)
+
+        hawk_slower += [mean["Hawk"] > mean[m] + SLOWER_NATS for m in ("Griffin", "Transformer")
+                        if judged_pair("Hawk", m)]
+        if judged_pair("Griffin", "Transformer"):
+            griffin_not_slower.append(mean["Griffin"] <= mean["Transformer"] + SLOWER_NATS)
+            pairs.append(f"{task}: Griffin {mean['Griffin']:.2f} vs Transformer {mean['Transformer']:.2f} nats")
         parts.append(f"{task} (chance {chance:.2f} nats): " + ", ".join(
             f"{m} {mean[m]:.2f} → {r['loss']:.2f} nats, {100 * r['accuracy']:.0f} %" for m, r in models.items())
             + ("" if learned else ", no model learned it"))
