@@ -5,8 +5,11 @@ sizes and every ISA path this CPU runs; the quantization error bound; quantized 
 Tolerances come from the arithmetic, not from fitting:
 * kernel vs twin: both sum the same exact products ŵ·x in fp32 in different orders, so each is within γ_n·Σ|ŵ·x| of
   the exact sum (γ_n = n·u/(1 − n·u), u = 2⁻²⁴, n = in + 2: the bias and a per-block scale multiply): they differ
-  by at most 2·γ_n·Σ|ŵ·x|.
-* quantization: |w − ŵ| ≤ s/2 per weight, so a layer's output moves by at most Σ_i |x_i|·s_i/2 (+ the fp32 bound).
+  by at most 2·γ_n·Σ|ŵ·x|. With int8 x the exact sum is Σ_blocks D·s_x·s_w, D = Σ q·x_q an exact integer in both
+  (the twin's block dots are the kernel's); each block term takes two roundings (·s_x, ·s_w), so the same bound holds
+  with x replaced by x̂ = x_q·s_x (Σ|D|·s_x·s_w ≤ Σ|ŵ·x̂|).
+* quantization: |w − ŵ| ≤ s/2 per weight, so a layer's output moves by at most Σ_i |x_i|·s_i/2 (+ the fp32 bound);
+  int8 x adds Σ_i |x_i − x̂_i|·|ŵ_i|, with |x − x̂| ≤ s_x/2 + amax·2⁻⁹ (bf16 may round s_x down by 2⁻⁹ relative).
 """
 
 from __future__ import annotations
@@ -30,8 +33,11 @@ U = 2.0**-24
 ISAS = Q.available_isas()
 # (format, in, group): odd output counts below; int8 per channel with an odd width, a group that is no power of two
 # (the portable path), and groups 16/32/64 for int4/int8
+# (int8 x: widths and groups that are multiples of 32, incl. rows that end in part of a vector and groups of 96 that
+# take the portable path; fp32 x: the rest)
 CASES = [("bf16", 91, 0), ("bf16", 160, 0), ("int8", 91, 91), ("int8", 96, 32), ("int8", 160, 16), ("int8", 91, 7),
-         ("int8", 256, 256), ("int4", 96, 32), ("int4", 256, 64), ("int4", 384, 128)]
+         ("int8", 256, 256), ("int8", 192, 64), ("int8", 192, 96), ("int4", 96, 32), ("int4", 160, 32),
+         ("int4", 256, 64), ("int4", 384, 128), ("int4", 192, 96)]
 
 
 def fp32_reorder_bound(x: torch.Tensor, w_hat: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -49,31 +55,156 @@ def make(fmt: str, inp: int, group: int, out: int = 37, seed: int = 0):
     return w, storage, scales, torch.randn(out, generator=g)
 
 
-@pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize("fmt,inp,group", CASES)
-def test_gemv_kernels_match_their_twin(isa, fmt, inp, group, monkeypatch):
-    kernels = Q._kernels()
-    if kernels is None:
-        pytest.skip("the C++ quant kernels did not build")
-    monkeypatch.setenv("KITELM_QUANT_ISA", isa)
-    w, storage, scales, bias = make(fmt, inp, group)
+def x_hat(x: torch.Tensor) -> torch.Tensor:
+    """x as the int8-x kernels see it: x_q·s_x."""
+    q, s = Q.quantize_activations(x)
+    return (q.float().reshape(*x.shape[:-1], -1, Q.X_BLOCK) * s[..., None]).reshape(x.shape)
+
+
+def check_gemv(fmt, inp, group, storage, scales, bias, rows_list=range(1, 9), scale=1.0):
+    """Kernel (the ISA and x format set in the environment) against the twin that `quantizes_x` names."""
     w_hat = Q.dequantize_reference(storage, scales, fmt, group)
-    x_bf16 = Q.rounds_x_to_bf16(fmt, inp, Q.ISAS[isa])  # then the twin rounds x to bf16 too
-    for rows in (1, 2, 3, 5, 8):
+    x_int8 = Q.quantizes_x(fmt, inp, group)
+    for rows in rows_list:
         for b in (bias, None):
-            x = torch.randn(rows, inp)
-            ref = Q.linear_reference(x, storage, scales, b, fmt, group, x_bf16=x_bf16)
+            x = torch.randn(rows, inp) * scale
+            ref = Q.linear_reference(x, storage, scales, b, fmt, group, x_int8=x_int8)
             with torch.inference_mode():
                 y = Q.quantized_linear(x, storage, scales, b, fmt, group)
             assert y.shape == ref.shape and y.dtype == torch.float32
-            x_used = x.to(torch.bfloat16).float() if x_bf16 else x
-            assert ((y - ref).abs().double() <= fp32_reorder_bound(x_used, w_hat, b)).all(), (rows, isa)
+            bound = fp32_reorder_bound(x_hat(x) if x_int8 else x, w_hat, b)
+            assert ((y - ref).abs().double() <= bound).all(), (rows, fmt, inp, group)
 
 
-def test_forced_isa_is_checked(monkeypatch):
+@pytest.fixture
+def kernels():
+    kernels = Q._kernels()
+    if kernels is None:
+        pytest.skip("the C++ quant kernels did not build")
+    return kernels
+
+
+@pytest.mark.parametrize("x_format", Q.X_FORMATS)
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("fmt,inp,group", CASES)
+def test_gemv_kernels_match_their_twin(kernels, isa, fmt, inp, group, x_format, monkeypatch):
+    if fmt == "bf16" and x_format == "fp32":
+        pytest.skip("bf16 weights always take fp32 x")
+    monkeypatch.setenv("KITELM_QUANT_ISA", isa)
+    monkeypatch.setenv("KITELM_QUANT_X", x_format)
+    assert Q.quantizes_x(fmt, inp, group) == (x_format == "int8" and fmt != "bf16" and inp % 32 == 0
+                                                and group % 32 == 0)
+    _, storage, scales, bias = make(fmt, inp, group)
+    check_gemv(fmt, inp, group, storage, scales, bias)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("fmt,inp,group", [("bf16", 256, 0), ("int8", 256, 32), ("int4", 512, 64)])
+def test_gemv_splits_output_rows_across_threads(kernels, isa, fmt, inp, group, monkeypatch):
+    """≥ 2 tasks of ≥ 1 MiB of weights each (the kernels' grain), large activations, every row count."""
+    monkeypatch.setenv("KITELM_QUANT_ISA", isa)
+    _, storage, scales, bias = make(fmt, inp, group, out=4500)
+    check_gemv(fmt, inp, group, storage, scales, bias, rows_list=(1, 4, 8) if isa == "portable" else range(1, 9),
+               scale=1e3)
+
+
+def test_twin_with_int8_x_sums_the_dequantized_products():
+    """The twin's block bookkeeping (scales per block, nibble order) against F.linear of x̂ and Ŵ: both approximate
+    the same exact sum Σ x̂·ŵ."""
+    for fmt, inp, group in [("int8", 192, 64), ("int4", 384, 128), ("int8", 256, 256), ("int4", 192, 96)]:
+        _, storage, scales, bias = make(fmt, inp, group)
+        x = torch.randn(5, inp)
+        w_hat = Q.dequantize_reference(storage, scales, fmt, group)
+        ref = Q.linear_reference(x, storage, scales, bias, fmt, group, x_int8=True)
+        plain = F.linear(x_hat(x), w_hat, bias)
+        assert ((ref - plain).abs().double() <= fp32_reorder_bound(x_hat(x), w_hat, bias)).all(), (fmt, group)
+
+
+def activation_cases() -> torch.Tensor:
+    """Rows of 8 blocks: random, all-zero, huge, tiny (incl. subnormal) and mixed-magnitude blocks, exact ties."""
+    g = torch.Generator().manual_seed(3)
+    rows = [torch.randn(256, generator=g) * 10.0 ** torch.randint(-6, 7, (1,), generator=g).item() for _ in range(6)]
+    mixed = torch.cat([torch.randn(32, generator=g) * 10.0 ** k for k in range(-3, 5)])  # 8 blocks, 8 magnitudes
+    special = torch.randn(8, 32, generator=g)
+    special[0] = 0.0  # all zero
+    special[1] *= 1e30
+    special[2] = torch.linspace(-1.0, 1.0, 32) * 3.0e38  # near the fp32 maximum
+    special[3] *= 1e-30
+    special[4] *= 1e-40  # subnormal: amax/127 below the smallest normal, so a zero block
+    special[5] = torch.tensor([127.0] + [k + 0.5 for k in range(-15, 16)])  # s = 1: ties round half to even
+    special[6, 0] = 1e-30  # one normal value among subnormal ones
+    special[6, 1:] *= 1e-42
+    special[7] *= 127.0 / special[7].abs().max()  # amax exactly 127·s
+    return torch.stack(rows + [mixed, special.reshape(-1)])
+
+
+def test_activation_quantizer_twin_is_bit_exact(kernels):
+    x = activation_cases()
+    q, s = kernels.quantize_activations(x)
+    tq, ts = Q.quantize_activations(x)
+    assert q.dtype == tq.dtype == torch.int8 and s.dtype == ts.dtype == torch.float32
+    assert torch.equal(q, tq) and torch.equal(s.view(torch.int32), ts.view(torch.int32))
+    # non-finite values: their block gets s_x = NaN and x_q = 0, other blocks are untouched
+    bad = x[:2].clone()
+    bad[0, 40], bad[1, 200] = float("nan"), float("inf")
+    q, s = kernels.quantize_activations(bad)
+    tq, ts = Q.quantize_activations(bad)
+    assert torch.equal(q, tq) and torch.equal(s.isnan(), ts.isnan()) and torch.equal(s[~s.isnan()], ts[~ts.isnan()])
+    assert s[0, 1].isnan() and s[1, 6].isnan() and s.isnan().sum() == 2 and (q[0, 32:64] == 0).all()
+
+
+def test_activation_quantizer_rounds_and_bounds():
+    x = activation_cases()
+    q, s = Q.quantize_activations(x)
+    blocks = x.reshape(x.shape[0], -1, 32)
+    amax = blocks.abs().amax(-1)
+    assert q.abs().max() <= 127
+    assert torch.equal(s, s.to(torch.bfloat16).float())  # bf16 scales
+    zero = amax / 127 < torch.finfo(torch.float32).tiny
+    assert zero.any() and (s[zero] == 0).all() and (q.reshape(blocks.shape)[zero] == 0).all()
+    assert torch.equal(s[~zero], (amax[~zero] / 127).to(torch.bfloat16).float())
+    # each block has its own scale: the 8 magnitudes of the mixed row differ
+    assert len(set(s[-2].tolist())) == 8
+    # |x − x̂| ≤ s/2 + amax·2⁻⁹ (the clip where bf16 rounded s down), and 0 for the zero blocks' x below 127·FLT_MIN
+    err = (blocks - q.reshape(blocks.shape).float() * s[..., None]).abs()
+    assert (err <= s[..., None] / 2 + amax[..., None] * 2.0**-9).where(~zero[..., None], True).all()
+    assert (err <= 127 * torch.finfo(torch.float32).tiny).where(zero[..., None], True).all()
+    # the ties: s = 1, so x_q = round-half-even(k + 0.5)
+    ties = q[-1, 5 * 32:6 * 32].tolist()
+    assert ties == [127] + [round(k + 0.5) for k in range(-15, 16)] and ties[1:4] == [-14, -14, -12]
+
+
+def test_activation_quantizer_needs_whole_blocks(kernels):
+    with pytest.raises(ValueError, match="not a multiple of 32"):
+        Q.quantize_activations(torch.randn(2, 91))
+    with pytest.raises(RuntimeError, match="multiple of 32"):
+        kernels.quantize_activations(torch.randn(2, 91))
+    assert not Q.quantizes_x("int8", 91, 91) and not Q.quantizes_x("int8", 160, 16)  # such layers keep fp32 x
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_non_finite_activations_give_nan_rows(kernels, isa, monkeypatch):
+    monkeypatch.setenv("KITELM_QUANT_ISA", isa)
+    for fmt, inp, group in [("int8", 96, 32), ("int4", 256, 64)]:
+        _, storage, scales, bias = make(fmt, inp, group)
+        x = torch.randn(3, inp)
+        x[1, 5] = float("inf")
+        with torch.inference_mode():
+            y = Q.quantized_linear(x, storage, scales, bias, fmt, group)
+        ref = Q.linear_reference(x, storage, scales, bias, fmt, group, x_int8=True)
+        assert y[1].isnan().all() and ref[1].isnan().all() and y[[0, 2]].isfinite().all()
+
+
+def test_forced_isa_and_x_format_are_checked(monkeypatch):
     monkeypatch.setenv("KITELM_QUANT_ISA", "sse9")
     with pytest.raises(ConfigError, match="unknown"):
         Q.kernel_isa()
+    if "avx512vnni" in ISAS:  # the old name of path 3
+        monkeypatch.setenv("KITELM_QUANT_ISA", "avx512bf16")
+        assert Q.kernel_isa() == Q.ISAS["avx512vnni"]
+    monkeypatch.setenv("KITELM_QUANT_X", "int4")
+    with pytest.raises(ConfigError, match="KITELM_QUANT_X"):
+        Q.quantizes_x("int8", 64, 32)
 
 
 @pytest.mark.parametrize("fmt,inp,group", [c for c in CASES if c[0] != "bf16"])
@@ -124,7 +255,10 @@ def test_gemm_path_above_eight_rows_matches_the_twin(fmt, monkeypatch):
     assert ((y16 - ref).abs().double() <= bound).all()
 
 
-def test_layer_output_moves_by_at_most_half_a_step_per_weight():
+@pytest.mark.parametrize("x_format", Q.X_FORMATS)
+def test_layer_output_moves_by_at_most_half_a_step_per_weight(x_format, monkeypatch):
+    """Weights: |w − ŵ| ≤ s/2 (+ the bf16 clip slack); int8 x adds Σ|x − x̂|·|ŵ| (4 rows: the GEMV path)."""
+    monkeypatch.setenv("KITELM_QUANT_X", x_format)
     lin = torch.nn.Linear(256, 45)
     x = torch.randn(4, 256)
     for fmt, group in (("int8", 32), ("int8", 256), ("int4", 64)):
@@ -134,15 +268,20 @@ def test_layer_output_moves_by_at_most_half_a_step_per_weight():
         step = q.scales.float().repeat_interleave(group, dim=1)  # [out, in]
         amax_slack = lin.weight.abs().reshape(45, -1, group).amax(-1).repeat_interleave(group, dim=1) * 2.0**-8
         bound = x.abs().double() @ (step / 2 + amax_slack).double().T + 3 * fp32_reorder_bound(x, lin.weight, lin.bias)
+        if Q.quantizes_x(fmt, 256, group) and Q._kernels() is not None:
+            w_hat = q.weight.dequantize()
+            bound = bound + (x - x_hat(x)).abs().double() @ w_hat.abs().double().T
         assert ((y - ref).abs().double() <= bound).all(), fmt
 
 
 @pytest.mark.parametrize("preset", ["griffin-tiny", "hawk-tiny", "transformer-mini", "sas-p-small"])
 @pytest.mark.parametrize("spec", [QuantSpec("bf16"), QuantSpec("int8", 32), QuantSpec("int8", 0),
                                   QuantSpec("int4", 32, embedding=False)])
-def test_quantized_model_equals_fp32_model_with_dequantized_weights(preset, spec):
+def test_quantized_model_equals_fp32_model_with_dequantized_weights(preset, spec, monkeypatch):
     """The quantized model computes exactly what an fp32 model holding Ŵ computes (up to fp32 summation order), in
-    the full forward and in token-by-token decoding."""
+    the full forward and in token-by-token decoding (with fp32 x on the GEMV path: the int8-x steps are the next
+    test's)."""
+    monkeypatch.setenv("KITELM_QUANT_X", "fp32")
     config = get_preset(preset)
     model = build_model(config).eval()
     quantized = quantize_model(build_model(config).eval(), spec)
@@ -160,6 +299,28 @@ def test_quantized_model_equals_fp32_model_with_dequantized_weights(preset, spec
     scale = ref.abs().max().item()
     assert (full - ref).abs().max().item() <= 1e-4 * scale
     assert (steps - ref).abs().max().item() <= 1e-4 * scale
+
+
+@pytest.mark.parametrize("preset", ["griffin-tiny", "transformer-mini"])
+@pytest.mark.parametrize("spec", [QuantSpec("int8", 32), QuantSpec("int4", 32)])
+def test_decoding_with_int8_activations_stays_near_fp32_activations(preset, spec, monkeypatch):
+    """Token-by-token decoding with int8 x (the default) against the same model with fp32 x. A sanity bound, not a
+    derived one (the per-layer bound is the test above): int8 x moves each layer by ≲ 1/254 of its input's block
+    maxima, while a wrong block, scale or offset moves logits by O(their scale)."""
+    config = get_preset(preset)
+    torch.manual_seed(5)
+    model = quantize_model(build_model(config).eval(), spec)
+    ids = torch.randint(0, config.vocab_size, (2, 12))
+
+    def steps(x_format):
+        monkeypatch.setenv("KITELM_QUANT_X", x_format)
+        with torch.inference_mode():
+            cache = model.new_cache(2, 16)
+            return torch.cat([model(ids[:, t:t + 1], cache=cache) for t in range(ids.shape[1])], dim=1)
+
+    fp32_x, int8_x = steps("fp32"), steps("int8")
+    scale = fp32_x.abs().max().item()
+    assert 0 < (int8_x - fp32_x).abs().max().item() <= 0.05 * scale
 
 
 def test_quantize_refuses_group_sizes_that_do_not_divide():

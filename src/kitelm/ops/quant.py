@@ -12,10 +12,19 @@ Formats (the stored form of a Linear weight W [out, in]; activations, biases and
 The scale is rounded to bf16 *before* q is computed, so ŵ = q·s is exactly what the kernels reconstruct and the only
 error is the rounding of W/s: |W − ŵ| ≤ s/2 per weight (plus s·2⁻⁸·qmax where bf16 rounded s down and q clipped).
 
-`quantized_linear` picks the path: for 1-8 rows of fp32 x, the C++ GEMV that dequantizes in registers (AVX-512 or
-AVX2, chosen at run time; `KITELM_QUANT_ISA=avx2|avx512|portable` forces one); above 8 rows, tiles of Ŵ dequantized
-into the compute dtype (bf16 where the CPU has native bf16, else fp32) and that dtype's GEMM. `linear_reference` is
-the twin every path is tested against: dequantize to fp32 + F.linear.
+`quantized_linear` picks the path: for 1-8 rows of x, the C++ GEMV (AVX-512 VNNI, AVX-512, AVX2 or portable C++,
+chosen at run time; `KITELM_QUANT_ISA=portable|avx2|avx512|avx512vnni` forces one); above 8 rows, tiles of Ŵ
+dequantized into the compute dtype (bf16 where the CPU has native bf16, else fp32) and that dtype's GEMM.
+
+Activations on the GEMV path: bf16 weights multiply x in fp32. int8 and int4 weights multiply an int8 copy of x
+(`quantize_activations`: per block of 32 values of a row, s_x = bf16(amax/127), x_q = round-half-even(x/s_x)), so
+each block of 32 weights is one exact integer dot product D = Σ q·x_q scaled by s_w·s_x (llama.cpp's Q8_0
+activations); that keeps one row of x at the memory rate (benchmarks/NOTES.md, "Quantized GEMV at the byte floor").
+Layers whose width or group is no multiple of 32 keep fp32 x, and `KITELM_QUANT_X=fp32` keeps it everywhere;
+`quantizes_x` says which applies. The tiled GEMM path (prefill, evaluation) always uses x as it is.
+
+`linear_reference` is the twin every path is tested against: dequantize to fp32 + F.linear, or with `x_int8` the
+exact block dots of the quantized x and Ŵ summed in fp32, which the kernels equal up to the fp32 summation order.
 """
 
 from __future__ import annotations
@@ -34,7 +43,10 @@ from .extension import CppExtension
 FORMATS = ("bf16", "int8", "int4")
 QMAX = {"int8": 127, "int4": 7}
 MAX_ROWS = 8  # above this the GEMM on dequantized tiles reuses each weight across rows better than the GEMV
-ISAS = {"portable": 0, "avx2": 1, "avx512": 2, "avx512bf16": 3}  # 3: int4 by bf16 dot products (x in bf16)
+ISAS = {"portable": 0, "avx2": 1, "avx512": 2, "avx512vnni": 3}  # 3: int8-x dot products by VPDPBUSD
+ISA_ALIASES = {"avx512bf16": "avx512vnni"}  # the former bf16-dot int4 path's name: every AVX512-BF16 CPU has VNNI
+X_BLOCK = 32  # activations are quantized per block of 32 values of a row
+X_FORMATS = ("int8", "fp32")
 TILE_ELEMENTS = 1 << 22  # weights dequantized per tile on the GEMM path (8 MiB in bf16)
 EXTENSION = CppExtension("quant_kernels", fallback="quantized layers use dequantize + F.linear",
                          cflags=("-O3", "-fopenmp"))  # baseline x86-64: the AVX2/AVX-512 paths carry target attributes
@@ -105,17 +117,69 @@ def dequantize_reference(storage: Tensor, scales: Tensor | None, fmt: str, group
     return (q.float().reshape(out, inp // group, group) * scales.float()[..., None]).reshape(out, inp)
 
 
+def quantize_activations(x: Tensor) -> tuple[Tensor, Tensor]:
+    """x [..., in] (in a multiple of 32) → (x_q int8 [..., in], s_x float32 [..., in/32]), bit for bit as the GEMV
+    kernels quantize it: per block of 32 consecutive values of a row, s_x = bf16(amax/127) (rounded to nearest even,
+    like the weights' scales) and x_q = round-half-even(x/s_x) clamped to ±127. A block whose amax/127 is below the
+    smallest normal float is all zero (s_x = 0); a block holding inf or NaN gets s_x = NaN and x_q = 0, so the outputs
+    it feeds are NaN."""
+    inp = x.shape[-1]
+    if inp % X_BLOCK:
+        raise ValueError(f"quantize_activations: the width {inp} is not a multiple of {X_BLOCK} (x is quantized per "
+                         f"block of {X_BLOCK}); such layers keep fp32 activations")
+    blocks = x.detach().float().reshape(*x.shape[:-1], inp // X_BLOCK, X_BLOCK)
+    d = blocks.abs().amax(-1) / 127
+    zero, bad = d < torch.finfo(torch.float32).tiny, ~torch.isfinite(d)  # NaN is neither < tiny nor finite
+    s = torch.where(zero, 0.0, d.to(torch.bfloat16).float())
+    s = torch.where(bad, float("nan"), s)
+    usable = ~(zero | bad)
+    q = torch.round(blocks / torch.where(usable, s, 1.0)[..., None]).clamp_(-127, 127)
+    q = torch.where(usable[..., None], q, 0.0).to(torch.int8)
+    return q.reshape(x.shape), s
+
+
+def weight_integers(storage: Tensor, fmt: str) -> Tensor:
+    """q [out, in] int8 of an int8 / int4 weight (ŵ = q·s)."""
+    return unpack_int4(storage) if fmt == "int4" else storage
+
+
 def linear_reference(x: Tensor, storage: Tensor, scales: Tensor | None, bias: Tensor | None, fmt: str,
-                     group: int, x_bf16: bool = False) -> Tensor:
-    """The twin of every fast path: F.linear(x, Ŵ, b) in float32 → [..., out] float32; `x_bf16` rounds x to bf16
-    first, as the avx512bf16 int4 path does."""
-    xf = x.to(torch.bfloat16).float() if x_bf16 else x.float()
-    return F.linear(xf, dequantize_reference(storage, scales, fmt, group), None if bias is None else bias.float())
+                     group: int, x_int8: bool = False) -> Tensor:
+    """The twin of every fast path → [..., out] float32. Default: F.linear(x, Ŵ, b) in float32. `x_int8` (int8/int4
+    weights, width and group multiples of 32): x quantized by `quantize_activations`, the exact integer dot D of each
+    block of 32 (float64, exact), then Σ_blocks (D·s_x)·s_w + b in float32, as the int8-x kernels compute it."""
+    if not x_int8:
+        return F.linear(x.float(), dequantize_reference(storage, scales, fmt, group),
+                        None if bias is None else bias.float())
+    if fmt == "bf16" or group % X_BLOCK:
+        raise ValueError(f"x_int8 needs int8/int4 weights with a group that is a multiple of {X_BLOCK}")
+    out, inp = storage.shape[0], x.shape[-1]
+    nb = inp // X_BLOCK
+    xq, sx = quantize_activations(x.reshape(-1, inp))
+    q = weight_integers(storage, fmt)
+    d = torch.bmm(xq.double().reshape(-1, nb, X_BLOCK).transpose(0, 1),  # [nb, rows, 32]
+                  q.double().reshape(out, nb, X_BLOCK).permute(1, 2, 0)).float()  # [nb, rows, out]: |D| < 2²⁴
+    sw = scales.float().repeat_interleave(group // X_BLOCK, dim=1)  # [out, nb]
+    y = ((d * sx.T[:, :, None]) * sw.T[:, None, :]).sum(0)
+    if bias is not None:
+        y = y + bias.float()
+    return y.reshape(*x.shape[:-1], out)
 
 
-def rounds_x_to_bf16(fmt: str, in_features: int, isa: int) -> bool:
-    """Whether the GEMV path `isa` rounds x to bf16 for this layer (the avx512bf16 path: int4, in % 64 == 0)."""
-    return isa == ISAS["avx512bf16"] and fmt == "int4" and in_features % 64 == 0
+def x_format() -> str:
+    """How the GEMV path feeds int8/int4 weights: KITELM_QUANT_X=int8 (the default) or fp32."""
+    value = os.environ.get("KITELM_QUANT_X", "") or "int8"
+    if value not in X_FORMATS:
+        raise ConfigError(f"KITELM_QUANT_X={value!r} is unknown; choose one of {', '.join(X_FORMATS)}")
+    return value
+
+
+def quantizes_x(fmt: str, in_features: int, group: int) -> bool:
+    """Whether the C++ GEMV (1-8 rows) quantizes x to int8 for this layer, on every ISA alike: int8/int4 weights
+    whose width and group are multiples of 32, unless KITELM_QUANT_X=fp32. Then `linear_reference(x_int8=True)` is
+    its twin, else the plain one."""
+    return (fmt in QMAX and in_features % X_BLOCK == 0 and group % X_BLOCK == 0 and group > 0
+            and x_format() == "int8")
 
 
 # ------------------------------------------------------------------------------------------------ fast paths
@@ -131,7 +195,7 @@ def quantized_linear(x: Tensor, storage: Tensor, scales: Tensor | None, bias: Te
         if fmt == "bf16":
             y = kernels.gemv_bf16(xf, storage, b, isa)
         else:
-            y = getattr(kernels, f"gemv_{fmt}")(xf, storage, scales, b, group, isa)
+            y = getattr(kernels, f"gemv_{fmt}")(xf, storage, scales, b, group, isa, x_format() == "int8")
         return y if y.dtype == x.dtype else y.to(x.dtype)
     return _tiled_linear(x, storage, scales, bias, fmt, group, kernels)
 
@@ -179,13 +243,8 @@ def dequantize(storage: Tensor, scales: Tensor | None, fmt: str, group: int, in_
 
 
 def kernel_isa() -> int:
-    """The GEMV path: KITELM_QUANT_ISA (portable | avx2 | avx512 | avx512bf16) if set, else the fastest this CPU runs
-    (the bf16-dot int4 path only where `kitelm.precision.native_bf16()` says bf16 is native, as for every bf16 choice)."""
-    from ..precision import native_bf16
-
-    forced = os.environ.get("KITELM_QUANT_ISA", "")
-    level = _isa(forced)
-    return ISAS["avx512"] if level == ISAS["avx512bf16"] and not forced and not native_bf16() else level
+    """The GEMV path: KITELM_QUANT_ISA (portable | avx2 | avx512 | avx512vnni) if set, else the fastest this CPU runs."""
+    return _isa(os.environ.get("KITELM_QUANT_ISA", ""))
 
 
 @functools.cache
@@ -194,6 +253,7 @@ def _isa(forced: str) -> int:
     best = kernels.best_isa() if kernels is not None else 0
     if not forced:
         return best
+    forced = ISA_ALIASES.get(forced, forced)
     if forced not in ISAS:
         raise ConfigError(f"KITELM_QUANT_ISA={forced!r} is unknown; choose one of {', '.join(ISAS)}")
     if ISAS[forced] > best:

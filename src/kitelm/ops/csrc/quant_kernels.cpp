@@ -1,22 +1,32 @@
 // Weight-only quantized matrix-vector kernels for decoding: y = x Ŵᵀ + b for 1-8 rows of fp32 x, where Ŵ is stored
 // as bf16, int8 or packed int4 with one bf16 scale per `group` consecutive weights of a row. The pure-torch twins
-// (dequantize + F.linear) are in kitelm/quant/formats.py and are the reference in tests/test_quant.py.
+// (`linear_reference`, `quantize_activations`) are in kitelm/ops/quant.py and are the reference in tests/test_quant.py.
 //
-// Layouts (kitelm/quant/formats.py has the same description):
+// Layouts (kitelm/ops/quant.py has the same description):
 //   bf16  w [out, in] bfloat16
 //   int8  q [out, in] int8 in [-127, 127];  scales [out, in / group] bf16;   ŵ = q · s
 //   int4  q [out, in / 2] uint8;  scales [out, in / group] bf16;  group % 32 == 0.  Within every block of 32 weights
 //         of a row, byte j (0 ≤ j < 16) holds weight j in its low nibble and weight j + 16 in its high nibble, each
 //         stored as n = q + 8 (q in [-7, 7]);  ŵ = (n − 8) · s.  One 16-byte load unpacks into two runs of 16 weights.
 //
-// At batch 1 a step reads every weight once, so the kernels stream each weight row once for all rows of x, turn it
-// into fp32 in registers (never in memory), and split output rows across torch's threads. The ISA is chosen at run
-// time: this file is compiled for baseline x86-64 and each fast path carries its own target attribute, so one build
-// runs on AVX2-only and AVX-512 CPUs. `isa`: 0 = portable C++, 1 = AVX2+FMA, 2 = AVX-512 F/BW, 3 = AVX-512 with
-// AVX512-BF16 (int4 only: bf16 dot products, x rounded to bf16; bf16 and int8 weights take path 2 there).
+// Two kinds of arithmetic, chosen per call (`quantize_x`):
+// * int8 x (int8 and int4 weights whose width and group are multiples of 32; the default): each row of x is quantized
+//   once per call per block of 32, s_x = bf16(amax / 127), x_q = round-half-even(x / s_x) ∈ [−127, 127]
+//   (`quantize_block`), and every block of 32 weights adds (D · s_x) · s_w, where D = Σ q · x_q is an exact integer:
+//   VPDPBUSD on AVX-512 VNNI, PMADDUBSW + PMADDWD elsewhere. The weights are never widened, so the kernels issue
+//   4-5× fewer vector instructions per weight than the fp32 form and one row of x streams at the memory rate.
+// * fp32 x (bf16 weights; int8/int4 when the caller asks for it or the width or group is no multiple of 32): each
+//   weight vector is turned into fp32 in registers and multiplied by x in fp32.
+// Each kernel streams every weight row once for all rows of x and output rows are split across torch's threads. The
+// ISA is chosen at run time: this file is compiled for baseline x86-64 and each fast path carries its own target
+// attribute, so one build runs on AVX2-only and AVX-512 CPUs. `isa`: 0 = portable C++ (the reference form of the
+// same maths), 1 = AVX2+FMA, 2 = AVX-512 F/BW/DQ, 3 = AVX-512 with VNNI (bf16 weights take path 2 there). The AVX2
+// and AVX-512 kernels are one template each over a vector-traits struct (Avx2, Avx512, Avx512Vnni).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <algorithm>
+#include <cfloat>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -28,9 +38,15 @@
 #define KITELM_X86 0
 #endif
 
+// The kernel templates hold vector types without a target of their own; they are always inlined into wrappers that
+// have one, so the ABI note GCC gives for them does not apply.
+#pragma GCC diagnostic ignored "-Wpsabi"
+#define KITELM_INLINE inline __attribute__((always_inline))
+
 namespace {
 
-constexpr int kScalar = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3;
+constexpr int kScalar = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Vnni = 3;
+constexpr int kBlock = 32;  // x is quantized per block of 32 values of a row
 
 inline float bf16_to_float(uint16_t b) {
   uint32_t u = static_cast<uint32_t>(b) << 16;
@@ -46,7 +62,49 @@ inline uint16_t float_to_bf16(float f) {  // round to nearest even, as c10::BFlo
   return static_cast<uint16_t>((u & 0x7fffffffu) > 0x7f800000u ? ((u >> 16) | 0x40u) : rounded);
 }
 
+// One block of 32 values of x → x_q (and Σ x_q), returning s_x. s_x = bf16(amax / 127) rounded to nearest even, and
+// x_q = x / s_x rounded half to even, clamped to ±127 (bf16 may round s_x down). A block whose amax / 127 is below the
+// smallest normal float is zero (s_x = 0); a block holding inf or NaN gets s_x = NaN and x_q = 0, so its outputs are
+// NaN. `quantize_activations` in kitelm/ops/quant.py is the twin, bit for bit.
+KITELM_INLINE float quantize_block(const float* x, int8_t* q, int32_t* sum) {
+  float amax = 0.f;
+  bool finite = true;
+  for (int j = 0; j < kBlock; ++j) {
+    const float a = std::fabs(x[j]);
+    finite = finite && a <= FLT_MAX;
+    amax = a > amax ? a : amax;
+  }
+  const float d = amax / 127.f;
+  if (!finite || d < FLT_MIN) {
+    std::memset(q, 0, kBlock);
+    *sum = 0;
+    return finite ? 0.f : NAN;
+  }
+  const float s = bf16_to_float(float_to_bf16(d));
+  int32_t total = 0;
+  for (int j = 0; j < kBlock; ++j) {
+    float t = x[j] / s;                       // |t| ≤ 127·(1 + 2⁻⁸)
+    t = (t + 12582912.f) - 12582912.f;        // + 1.5·2²³: rounds half to even in the default rounding mode
+    t = t > 127.f ? 127.f : (t < -127.f ? -127.f : t);
+    q[j] = static_cast<int8_t>(t);
+    total += q[j];
+  }
+  *sum = total;
+  return s;
+}
+
 enum class Fmt { bf16, int8, int4 };
+
+// x of one call in the layout of the vector integer kernels: per row, whole chunks (one weight vector each) of
+// x_q bytes and of int32 / fp32 lanes, zero past the end of the row. Built once per call (`prepare_lanes`).
+struct XLanes {
+  int64_t row_q = 0;      // x_q bytes per row
+  int64_t row_lanes = 0;  // lanes per row
+  const int8_t* q = nullptr;      // natural order (int8 weights); per chunk [low-nibble order | high-nibble order] (int4)
+  const int32_t* corr = nullptr;  // −C · Σ x_q of each block in its first lane (C = 8 for int4, 128 for int8 on VNNI)
+  const float* s = nullptr;       // s_x of each block in all its lanes
+  alignas(64) int32_t idx[16] = {};  // lane → offset of its weight scale from the chunk's first scale
+};
 
 // Everything a kernel needs about one call. Row r of x starts at x + r * in; scales row o at scales + o * ngroups.
 struct Problem {
@@ -58,27 +116,29 @@ struct Problem {
   const uint16_t* scales;
   const float* bias;
   float* y;
-  const uint16_t* xb;  // kAvx512Bf16 int4 path: x rounded to bf16 and permuted to the nibble order (see below)
+  const int8_t* xq = nullptr;  // int8 x, natural order [rows, in] (portable path)
+  const float* xs = nullptr;   // its s_x [rows, in / 32]
+  const XLanes* lanes = nullptr;  // int8 x for the vector paths
 };
 
-// ---------------------------------------------------------------------------------------- portable reference path
-inline float weight_at(const Problem& p, int64_t o, int64_t i) {
-  switch (p.fmt) {
-    case Fmt::bf16:
-      return bf16_to_float(static_cast<const uint16_t*>(p.w)[o * p.in + i]);
-    case Fmt::int8:
-      return static_cast<float>(static_cast<const int8_t*>(p.w)[o * p.in + i]) *
-             bf16_to_float(p.scales[o * p.ngroups + i / p.group]);
-    case Fmt::int4: {
-      const uint8_t byte = static_cast<const uint8_t*>(p.w)[o * (p.in / 2) + (i / 32) * 16 + (i % 16)];
-      const int n = (i % 32) < 16 ? (byte & 0xf) : (byte >> 4);
-      return static_cast<float>(n - 8) * bf16_to_float(p.scales[o * p.ngroups + i / p.group]);
-    }
-  }
-  return 0.f;
+inline int weight_int(const Problem& p, int64_t o, int64_t i) {  // q of an int8 / int4 weight
+  if (p.fmt == Fmt::int8) return static_cast<const int8_t*>(p.w)[o * p.in + i];
+  const uint8_t byte = static_cast<const uint8_t*>(p.w)[o * (p.in / 2) + (i / 32) * 16 + (i % 16)];
+  return ((i % 32) < 16 ? (byte & 0xf) : (byte >> 4)) - 8;
 }
 
-void rows_scalar(const Problem& p, int64_t begin, int64_t end) {
+inline float weight_at(const Problem& p, int64_t o, int64_t i) {  // ŵ in fp32
+  if (p.fmt == Fmt::bf16) return bf16_to_float(static_cast<const uint16_t*>(p.w)[o * p.in + i]);
+  return static_cast<float>(weight_int(p, o, i)) * bf16_to_float(p.scales[o * p.ngroups + i / p.group]);
+}
+
+// Scales of row o as fp32 (one pass over ngroups bf16 values per row: no conversion or division per chunk).
+KITELM_INLINE void row_scales(const Problem& p, int64_t o, float* s) {
+  for (int64_t g = 0; g < p.ngroups; ++g) s[g] = bf16_to_float(p.scales[o * p.ngroups + g]);
+}
+
+// ------------------------------------------------------------------------------------- portable reference paths
+void rows_scalar(const Problem& p, int64_t begin, int64_t end) {  // fp32 x
   for (int64_t o = begin; o < end; ++o) {
     for (int64_t r = 0; r < p.rows; ++r) {
       float acc = 0.f;
@@ -88,310 +148,319 @@ void rows_scalar(const Problem& p, int64_t begin, int64_t end) {
   }
 }
 
+void rows_scalar_int(const Problem& p, int64_t begin, int64_t end) {  // int8 x: the maths of the vector kernels
+  const int64_t nb = p.in / kBlock;
+  for (int64_t o = begin; o < end; ++o) {
+    for (int64_t r = 0; r < p.rows; ++r) {
+      float acc = 0.f;
+      for (int64_t b = 0; b < nb; ++b) {
+        int32_t d = 0;
+        for (int j = 0; j < kBlock; ++j) d += weight_int(p, o, b * kBlock + j) * p.xq[r * p.in + b * kBlock + j];
+        acc += static_cast<float>(d) * p.xs[r * nb + b] * bf16_to_float(p.scales[o * p.ngroups + b * kBlock / p.group]);
+      }
+      p.y[r * p.out + o] = p.bias ? acc + p.bias[o] : acc;
+    }
+  }
+}
+
 #if KITELM_X86
-// ---------------------------------------------------------------------------------------------------- AVX-512 path
-// Accumulators acc[r][u]: R rows of x × U independent chains (U chunks in flight hide the FMA latency at 1-2 rows).
-#define KITELM_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,fma")))
-
-// Scales of row o as fp32 (one pass over ngroups bf16 values per row: no conversion or division per chunk).
-inline void row_scales(const Problem& p, int64_t o, float* s) {
-  for (int64_t g = 0; g < p.ngroups; ++g) s[g] = bf16_to_float(p.scales[o * p.ngroups + g]);
-}
-
-template <int R>
-KITELM_AVX512 void rows_avx512(const Problem& p, int64_t begin, int64_t end) {
-  constexpr int U = R == 1 ? 4 : (R == 2 ? 2 : 1);
-  const int64_t in = p.in;
-  std::vector<float> scale_buffer(p.ngroups);
-  float* sb = scale_buffer.data();
-  for (int64_t o = begin; o < end; ++o) {
-    if (p.fmt != Fmt::bf16) row_scales(p, o, sb);
-    __m512 acc[R][U];
-    for (int r = 0; r < R; ++r)
-      for (int u = 0; u < U; ++u) acc[r][u] = _mm512_setzero_ps();
-    int64_t i = 0;  // first weight not yet consumed
-    if (p.fmt == Fmt::bf16) {
-      const uint16_t* w = static_cast<const uint16_t*>(p.w) + o * in;
-      for (; i + 16 * U <= in; i += 16 * U) {
-#pragma GCC unroll 8
-        for (int u = 0; u < U; ++u) {
-          const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + i + 16 * u));
-          const __m512 wv = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
-#pragma GCC unroll 8
-          for (int r = 0; r < R; ++r)
-            acc[r][u] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(p.x + r * in + i + 16 * u), acc[r][u]);
-        }
-      }
-      for (; i + 16 <= in; i += 16) {
-        const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + i));
-        const __m512 wv = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
-#pragma GCC unroll 8
-        for (int r = 0; r < R; ++r) acc[r][0] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(p.x + r * in + i), acc[r][0]);
-      }
-    } else if (p.fmt == Fmt::int8) {
-      // vector chunks of 16 never straddle two scales: group % 16 == 0 or one group per row (checked by the caller)
-      const int8_t* w = static_cast<const int8_t*>(p.w) + o * in;
-      for (; i + 16 * U <= in; i += 16 * U) {
-#pragma GCC unroll 8
-        for (int u = 0; u < U; ++u) {
-          const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + i + 16 * u));
-          const __m512 wv = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(raw)), _mm512_set1_ps(sb[(i + 16 * u) >> p.shift]));
-#pragma GCC unroll 8
-          for (int r = 0; r < R; ++r)
-            acc[r][u] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(p.x + r * in + i + 16 * u), acc[r][u]);
-        }
-      }
-      for (; i + 16 <= in; i += 16) {
-        const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + i));
-        const __m512 wv = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(raw)), _mm512_set1_ps(sb[i >> p.shift]));
-#pragma GCC unroll 8
-        for (int r = 0; r < R; ++r) acc[r][0] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(p.x + r * in + i), acc[r][0]);
-      }
-    } else {  // int4: one 16-byte load = one block of 32 weights (low nibbles: 0-15, high nibbles: 16-31)
-      const uint8_t* w = static_cast<const uint8_t*>(p.w) + o * (in / 2);
-      const __m512i low = _mm512_set1_epi32(0xf);
-      // ŵ = n·s − 8·s: one FMA per 16 weights, exact in fp32 (n·s and 8·s need at most 12 significant bits)
-      for (; i + 32 * U <= in; i += 32 * U) {
-#pragma GCC unroll 8
-        for (int u = 0; u < U; ++u) {
-          const int64_t k = i + 32 * u;
-          const __m512i n = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k / 2)));
-          const float sf = sb[k >> p.shift];
-          const __m512 s = _mm512_set1_ps(sf), minus8s = _mm512_set1_ps(-8.f * sf);
-          const __m512 w0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(n, low)), s, minus8s);
-          const __m512 w1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(n, 4)), s, minus8s);
-#pragma GCC unroll 8
-          for (int r = 0; r < R; ++r) {
-            acc[r][u] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(p.x + r * in + k), acc[r][u]);
-            acc[r][u] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(p.x + r * in + k + 16), acc[r][u]);
-          }
-        }
-      }
-      for (; i + 32 <= in; i += 32) {
-        const __m512i n = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + i / 2)));
-        const float sf = sb[i >> p.shift];
-        const __m512 s = _mm512_set1_ps(sf), minus8s = _mm512_set1_ps(-8.f * sf);
-        const __m512 w0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(n, low)), s, minus8s);
-        const __m512 w1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(n, 4)), s, minus8s);
-#pragma GCC unroll 8
-        for (int r = 0; r < R; ++r) {
-          acc[r][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(p.x + r * in + i), acc[r][0]);
-          acc[r][0] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(p.x + r * in + i + 16), acc[r][0]);
-        }
-      }
-    }
-    for (int r = 0; r < R; ++r) {
-      __m512 total = acc[r][0];
-      for (int u = 1; u < U; ++u) total = _mm512_add_ps(total, acc[r][u]);
-      float sum = _mm512_reduce_add_ps(total);
-      for (int64_t k = i; k < in; ++k) sum += weight_at(p, o, k) * p.x[r * in + k];  // tail (< 16 weights)
-      p.y[r * p.out + o] = p.bias ? sum + p.bias[o] : sum;
-    }
-  }
-}
-
-// ------------------------------------------------------------------------------------------------------- AVX2 path
+// ------------------------------------------------------------------------------------------------ vector traits
+// One vector of L int32 / fp32 lanes (4L bytes): what the kernel templates below need, per ISA.
 #define KITELM_AVX2 __attribute__((target("avx2,fma")))
+#define KITELM_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,fma")))
+#define KITELM_AVX512VNNI __attribute__((target("avx512f,avx512bw,avx512dq,avx512vnni,fma")))
 
-KITELM_AVX2 inline float hsum256(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
+struct Avx2 {
+  using I = __m256i;
+  using F = __m256;
+  static constexpr int kLanes = 8;
+  static constexpr bool kVnni = false;
+  KITELM_AVX2 static I load(const void* p) { return _mm256_loadu_si256(static_cast<const __m256i*>(p)); }
+  KITELM_AVX2 static I load_partial(const void* p, int64_t n) {  // n < 32 bytes, zeros after them
+    alignas(32) uint8_t b[32] = {};
+    std::memcpy(b, p, n);
+    return _mm256_load_si256(reinterpret_cast<const __m256i*>(b));
+  }
+  KITELM_AVX2 static F loadf(const float* p) { return _mm256_loadu_ps(p); }
+  KITELM_AVX2 static F zero() { return _mm256_setzero_ps(); }
+  KITELM_AVX2 static F set1(float v) { return _mm256_set1_ps(v); }
+  KITELM_AVX2 static I bytes(int v) { return _mm256_set1_epi8(static_cast<char>(v)); }
+  KITELM_AVX2 static I and_(I a, I b) { return _mm256_and_si256(a, b); }
+  KITELM_AVX2 static I srl4_16(I a) { return _mm256_srli_epi16(a, 4); }
+  KITELM_AVX2 static F cvt(I a) { return _mm256_cvtepi32_ps(a); }
+  KITELM_AVX2 static F add(F a, F b) { return _mm256_add_ps(a, b); }
+  KITELM_AVX2 static F mul(F a, F b) { return _mm256_mul_ps(a, b); }
+  KITELM_AVX2 static F fma(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
+  KITELM_AVX2 static F permute(I idx, F v) { return _mm256_permutevar8x32_ps(v, idx); }
+  KITELM_AVX2 static float hsum(F v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+  }
+  // acc + Σ of 4 adjacent u8 · s8 products per int32 lane. PMADDUBSW saturates its int16 pair sums: exact while
+  // |u·s + u'·s'| ≤ 32767 (nibbles: 4 products ≤ 15·127 in `dot2`; int8: |w| · ±127 in `dot8`).
+  KITELM_AVX2 static I dot2(I acc, I u1, I s1, I u2, I s2) {
+    const I pairs = _mm256_add_epi16(_mm256_maddubs_epi16(u1, s1), _mm256_maddubs_epi16(u2, s2));
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+  }
+  // int8 weights × int8 x: |w| as u8 and x with w's sign (w, x ∈ [−127, 127]), so each product is w·x
+  struct W8 { I abs, w; };
+  KITELM_AVX2 static W8 prep8(I w) { return {_mm256_abs_epi8(w), w}; }
+  KITELM_AVX2 static I dot8(const W8& w, I, I x) {
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(w.abs, _mm256_sign_epi8(x, w.w)), _mm256_set1_epi16(1));
+  }
+  // fp32 path: L stored weights → L floats (int4: L bytes → L int32 nibble pairs)
+  KITELM_AVX2 static F from_bf16(const uint16_t* p) {
+    const I raw = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(raw, 16));
+  }
+  KITELM_AVX2 static F from_int8(const int8_t* p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+  }
+  KITELM_AVX2 static I widen_u8(const uint8_t* p) {
+    return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  }
+  KITELM_AVX2 static F low_nibbles(I n) { return _mm256_cvtepi32_ps(_mm256_and_si256(n, _mm256_set1_epi32(0xf))); }
+  KITELM_AVX2 static F high_nibbles(I n) { return _mm256_cvtepi32_ps(_mm256_srli_epi32(n, 4)); }
+};
+
+struct Avx512 {
+  using I = __m512i;
+  using F = __m512;
+  static constexpr int kLanes = 16;
+  static constexpr bool kVnni = false;
+  KITELM_AVX512 static I load(const void* p) { return _mm512_loadu_si512(p); }
+  KITELM_AVX512 static I load_partial(const void* p, int64_t n) {  // n < 64 bytes, zeros after them
+    return _mm512_maskz_loadu_epi8((__mmask64{1} << n) - 1, p);
+  }
+  KITELM_AVX512 static F loadf(const float* p) { return _mm512_loadu_ps(p); }
+  KITELM_AVX512 static F zero() { return _mm512_setzero_ps(); }
+  KITELM_AVX512 static F set1(float v) { return _mm512_set1_ps(v); }
+  KITELM_AVX512 static I bytes(int v) { return _mm512_set1_epi8(static_cast<char>(v)); }
+  KITELM_AVX512 static I and_(I a, I b) { return _mm512_and_si512(a, b); }
+  KITELM_AVX512 static I srl4_16(I a) { return _mm512_srli_epi16(a, 4); }
+  KITELM_AVX512 static F cvt(I a) { return _mm512_cvtepi32_ps(a); }
+  KITELM_AVX512 static F add(F a, F b) { return _mm512_add_ps(a, b); }
+  KITELM_AVX512 static F mul(F a, F b) { return _mm512_mul_ps(a, b); }
+  KITELM_AVX512 static F fma(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
+  KITELM_AVX512 static F permute(I idx, F v) { return _mm512_permutexvar_ps(idx, v); }
+  KITELM_AVX512 static float hsum(F v) { return _mm512_reduce_add_ps(v); }
+  KITELM_AVX512 static I dot2(I acc, I u1, I s1, I u2, I s2) {  // as Avx2::dot2
+    const I pairs = _mm512_add_epi16(_mm512_maddubs_epi16(u1, s1), _mm512_maddubs_epi16(u2, s2));
+    return _mm512_add_epi32(acc, _mm512_madd_epi16(pairs, _mm512_set1_epi16(1)));
+  }
+  struct W8 { I abs; __mmask64 negative; };  // as Avx2: AVX-512 has no VPSIGNB, so x is negated under a mask
+  KITELM_AVX512 static W8 prep8(I w) { return {_mm512_abs_epi8(w), _mm512_movepi8_mask(w)}; }
+  KITELM_AVX512 static I dot8(const W8& w, I, I x) {
+    const I signed_x = _mm512_mask_sub_epi8(x, w.negative, _mm512_setzero_si512(), x);
+    return _mm512_madd_epi16(_mm512_maddubs_epi16(w.abs, signed_x), _mm512_set1_epi16(1));
+  }
+  KITELM_AVX512 static F from_bf16(const uint16_t* p) {
+    const I raw = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(raw, 16));
+  }
+  KITELM_AVX512 static F from_int8(const int8_t* p) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+  }
+  KITELM_AVX512 static I widen_u8(const uint8_t* p) {
+    return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  }
+  KITELM_AVX512 static F low_nibbles(I n) { return _mm512_cvtepi32_ps(_mm512_and_si512(n, _mm512_set1_epi32(0xf))); }
+  KITELM_AVX512 static F high_nibbles(I n) { return _mm512_cvtepi32_ps(_mm512_srli_epi32(n, 4)); }
+};
+
+// VPDPBUSD multiplies u8 × s8 and adds 4 products per lane into int32 without saturation. Nibbles n = q + 8 are u8
+// already; int8 weights become w + 128 = w ⊕ 0x80. Both offsets are undone by the −C·Σx_q the accumulator starts from.
+struct Avx512Vnni : Avx512 {
+  static constexpr bool kVnni = true;
+  KITELM_AVX512VNNI static I dot2(I acc, I u1, I s1, I u2, I s2) {
+    return _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(acc, u1, s1), u2, s2);
+  }
+  struct W8 { I biased; };
+  KITELM_AVX512VNNI static W8 prep8(I w) { return {_mm512_xor_si512(w, _mm512_set1_epi8(static_cast<char>(0x80)))}; }
+  KITELM_AVX512VNNI static I dot8(const W8& w, I acc, I x) { return _mm512_dpbusd_epi32(acc, w.biased, x); }
+};
+
+// --------------------------------------------------------------------------------------- int8-x kernel (template)
+// A chunk is one weight vector: 4L bytes = 4L int8 weights (blocks of 32 in 8 lanes each) or 8L int4 weights (a
+// block per 16 bytes; low nibbles against x_q's low-order copy, high nibbles against the high-order one: 4 lanes each).
+// Per chunk and row of x: int32 dots D (lanes) → fp32, × s_x (lanes), FMA × s_w (lanes) into acc[r][u].
+template <class V, Fmt F, int R, int U>
+KITELM_INLINE void int_chunk(typename V::I wv, int64_t c, const float* sb, int shift, typename V::I idx,
+                             const XLanes& xl, typename V::F (&acc)[R][U], int u) {
+  using I = typename V::I;
+  constexpr int L = V::kLanes;
+  constexpr int64_t kChunkWeights = F == Fmt::int4 ? 8 * L : 4 * L;
+  const typename V::F sw = V::permute(idx, V::loadf(sb + ((c * kChunkWeights) >> shift)));
+  I a[R];
+  if constexpr (F == Fmt::int8) {
+    const auto w8 = V::prep8(wv);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const I x = V::load(xl.q + r * xl.row_q + c * 4 * L);
+      if constexpr (V::kVnni) a[r] = V::dot8(w8, V::load(xl.corr + r * xl.row_lanes + c * L), x);
+      else a[r] = V::dot8(w8, I{}, x);  // the sign trick needs no offset
+    }
+  } else {
+    const I low = V::bytes(0x0f);
+    const I lo = V::and_(wv, low), hi = V::and_(V::srl4_16(wv), low);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const int8_t* x = xl.q + r * xl.row_q + c * 8 * L;
+      a[r] = V::dot2(V::load(xl.corr + r * xl.row_lanes + c * L), lo, V::load(x), hi, V::load(x + 4 * L));
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+    const typename V::F d = V::mul(V::cvt(a[r]), V::loadf(xl.s + r * xl.row_lanes + c * L));
+    acc[r][u] = V::fma(d, sw, acc[r][u]);
+  }
 }
 
-template <int R>
-KITELM_AVX2 void rows_avx2(const Problem& p, int64_t begin, int64_t end) {
-  constexpr int U = R == 1 ? 4 : (R == 2 ? 2 : 1);
-  const int64_t in = p.in;
-  std::vector<float> scale_buffer(p.ngroups);
+template <class V, Fmt F, int R>
+KITELM_INLINE void rows_int(const Problem& p, int64_t begin, int64_t end) {
+  constexpr int L = V::kLanes;
+  constexpr int U = R == 1 ? 4 : (R == 2 ? 2 : 1);  // independent chains in flight at 1-2 rows
+  constexpr int64_t kChunkBytes = 4 * L;
+  const XLanes& xl = *p.lanes;
+  const int64_t row_bytes = F == Fmt::int4 ? p.in / 2 : p.in;
+  const int64_t full = row_bytes / kChunkBytes, tail = row_bytes % kChunkBytes;
+  std::vector<float> scale_buffer(p.ngroups + L, 0.f);  // + L: a chunk's scale vector may read past the last group
   float* sb = scale_buffer.data();
+  const typename V::I idx = V::load(xl.idx);
   for (int64_t o = begin; o < end; ++o) {
-    if (p.fmt != Fmt::bf16) row_scales(p, o, sb);
-    __m256 acc[R][U];
+    row_scales(p, o, sb);
+    const uint8_t* w = static_cast<const uint8_t*>(p.w) + o * row_bytes;
+    typename V::F acc[R][U];
     for (int r = 0; r < R; ++r)
-      for (int u = 0; u < U; ++u) acc[r][u] = _mm256_setzero_ps();
-    int64_t i = 0;
-    if (p.fmt == Fmt::bf16) {
-      const uint16_t* w = static_cast<const uint16_t*>(p.w) + o * in;
-      for (; i + 8 * U <= in; i += 8 * U) {
-#pragma GCC unroll 8
-        for (int u = 0; u < U; ++u) {
-          const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + i + 8 * u));
-          const __m256 wv = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
-#pragma GCC unroll 8
-          for (int r = 0; r < R; ++r)
-            acc[r][u] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(p.x + r * in + i + 8 * u), acc[r][u]);
-        }
-      }
-      for (; i + 8 <= in; i += 8) {
-        const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + i));
-        const __m256 wv = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
-#pragma GCC unroll 8
-        for (int r = 0; r < R; ++r) acc[r][0] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(p.x + r * in + i), acc[r][0]);
-      }
-    } else if (p.fmt == Fmt::int8) {
-      const int8_t* w = static_cast<const int8_t*>(p.w) + o * in;
-      for (; i + 8 * U <= in; i += 8 * U) {
-#pragma GCC unroll 8
-        for (int u = 0; u < U; ++u) {
-          const __m128i raw = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(w + i + 8 * u));
-          const __m256 wv = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(raw)), _mm256_set1_ps(sb[(i + 8 * u) >> p.shift]));
-#pragma GCC unroll 8
-          for (int r = 0; r < R; ++r)
-            acc[r][u] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(p.x + r * in + i + 8 * u), acc[r][u]);
-        }
-      }
-      for (; i + 8 <= in; i += 8) {
-        const __m128i raw = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(w + i));
-        const __m256 wv = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(raw)), _mm256_set1_ps(sb[i >> p.shift]));
-#pragma GCC unroll 8
-        for (int r = 0; r < R; ++r) acc[r][0] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(p.x + r * in + i), acc[r][0]);
-      }
-    } else {  // int4: two 8-byte loads per block of 32: bytes 0-7 → weights 0-7 and 16-23, bytes 8-15 → 8-15, 24-31
-      const uint8_t* w = static_cast<const uint8_t*>(p.w) + o * (in / 2);
-      const __m256i low = _mm256_set1_epi32(0xf);
-      for (; i + 32 * U <= in; i += 32 * U) {
-#pragma GCC unroll 8
-        for (int u = 0; u < U; ++u) {
-          const int64_t k = i + 32 * u;
-          const float sf = sb[k >> p.shift];
-          const __m256 s = _mm256_set1_ps(sf), minus8s = _mm256_set1_ps(-8.f * sf);
-#pragma GCC unroll 2
-          for (int half = 0; half < 2; ++half) {
-            const __m256i n =
-                _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w + k / 2 + 8 * half)));
-            const __m256 w0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(n, low)), s, minus8s);
-            const __m256 w1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(n, 4)), s, minus8s);
-#pragma GCC unroll 8
-            for (int r = 0; r < R; ++r) {
-              acc[r][u] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(p.x + r * in + k + 8 * half), acc[r][u]);
-              acc[r][u] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(p.x + r * in + k + 16 + 8 * half), acc[r][u]);
-            }
-          }
-        }
-      }
-      for (; i + 32 <= in; i += 32) {
-        const float sf = sb[i >> p.shift];
-        const __m256 s = _mm256_set1_ps(sf), minus8s = _mm256_set1_ps(-8.f * sf);
-#pragma GCC unroll 2
-        for (int half = 0; half < 2; ++half) {
-          const __m256i n =
-              _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w + i / 2 + 8 * half)));
-          const __m256 w0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(n, low)), s, minus8s);
-          const __m256 w1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(n, 4)), s, minus8s);
-#pragma GCC unroll 8
-          for (int r = 0; r < R; ++r) {
-            acc[r][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(p.x + r * in + i + 8 * half), acc[r][0]);
-            acc[r][0] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(p.x + r * in + i + 16 + 8 * half), acc[r][0]);
-          }
-        }
-      }
+      for (int u = 0; u < U; ++u) acc[r][u] = V::zero();
+    int64_t c = 0;
+    for (; c + U <= full; c += U) {
+#pragma GCC unroll 4
+      for (int u = 0; u < U; ++u) int_chunk<V, F, R, U>(V::load(w + (c + u) * kChunkBytes), c + u, sb, p.shift, idx, xl, acc, u);
     }
+    for (; c < full; ++c) int_chunk<V, F, R, U>(V::load(w + c * kChunkBytes), c, sb, p.shift, idx, xl, acc, 0);
+    if (tail) int_chunk<V, F, R, U>(V::load_partial(w + c * kChunkBytes, tail), c, sb, p.shift, idx, xl, acc, 0);
     for (int r = 0; r < R; ++r) {
-      __m256 total = acc[r][0];
-      for (int u = 1; u < U; ++u) total = _mm256_add_ps(total, acc[r][u]);
-      float sum = hsum256(total);
-      for (int64_t k = i; k < in; ++k) sum += weight_at(p, o, k) * p.x[r * in + k];
+      typename V::F total = acc[r][0];
+      for (int u = 1; u < U; ++u) total = V::add(total, acc[r][u]);
+      const float sum = V::hsum(total);
       p.y[r * p.out + o] = p.bias ? sum + p.bias[o] : sum;
     }
   }
 }
+
+// ------------------------------------------------------------------------------------------ fp32-x kernel (template)
+// Accumulators acc[r][u]: R rows of x × U independent chains. int8 vectors never straddle two scales (group % L == 0
+// or one group per row: checked by the caller); int4 goes a block of 32 at a time, L bytes → L low + L high nibbles.
+template <class V, int R>
+KITELM_INLINE void rows_fp32(const Problem& p, int64_t begin, int64_t end) {
+  using Fv = typename V::F;
+  constexpr int L = V::kLanes;
+  constexpr int U = R == 1 ? 4 : (R == 2 ? 2 : 1);
+  const int64_t in = p.in;
+  std::vector<float> scale_buffer(p.ngroups);
+  float* sb = scale_buffer.data();
+  const int64_t step = p.fmt == Fmt::int4 ? kBlock : L;  // weights per unit of work
+  for (int64_t o = begin; o < end; ++o) {
+    if (p.fmt != Fmt::bf16) row_scales(p, o, sb);
+    Fv acc[R][U];
+    for (int r = 0; r < R; ++r)
+      for (int u = 0; u < U; ++u) acc[r][u] = V::zero();
+    auto unit = [&](int64_t k, int u) __attribute__((always_inline)) {
+      if (p.fmt == Fmt::int4) {
+        const uint8_t* w = static_cast<const uint8_t*>(p.w) + o * (in / 2) + k / 2;
+        const float sf = sb[k >> p.shift];
+        const Fv s = V::set1(sf), minus8s = V::set1(-8.f * sf);  // ŵ = n·s − 8·s, exact in fp32
+#pragma GCC unroll 2
+        for (int h = 0; h < 16 / L; ++h) {
+          const typename V::I n = V::widen_u8(w + h * L);
+          const Fv w0 = V::fma(V::low_nibbles(n), s, minus8s), w1 = V::fma(V::high_nibbles(n), s, minus8s);
+#pragma GCC unroll 8
+          for (int r = 0; r < R; ++r) {
+            acc[r][u] = V::fma(w0, V::loadf(p.x + r * in + k + h * L), acc[r][u]);
+            acc[r][u] = V::fma(w1, V::loadf(p.x + r * in + k + 16 + h * L), acc[r][u]);
+          }
+        }
+      } else {
+        const Fv wv = p.fmt == Fmt::bf16
+                          ? V::from_bf16(static_cast<const uint16_t*>(p.w) + o * in + k)
+                          : V::mul(V::from_int8(static_cast<const int8_t*>(p.w) + o * in + k), V::set1(sb[k >> p.shift]));
+#pragma GCC unroll 8
+        for (int r = 0; r < R; ++r) acc[r][u] = V::fma(wv, V::loadf(p.x + r * in + k), acc[r][u]);
+      }
+    };
+    int64_t i = 0;  // first weight not yet consumed
+    for (; i + step * U <= in; i += step * U) {
+#pragma GCC unroll 4
+      for (int u = 0; u < U; ++u) unit(i + step * u, u);
+    }
+    for (; i + step <= in; i += step) unit(i, 0);
+    for (int r = 0; r < R; ++r) {
+      Fv total = acc[r][0];
+      for (int u = 1; u < U; ++u) total = V::add(total, acc[r][u]);
+      float sum = V::hsum(total);
+      for (int64_t k = i; k < in; ++k) sum += weight_at(p, o, k) * p.x[r * in + k];  // tail (< L weights)
+      p.y[r * p.out + o] = p.bias ? sum + p.bias[o] : sum;
+    }
+  }
+}
+
+// The templates compiled for each ISA (flatten: the traits' functions are inlined into the target-specific body).
+#define KITELM_FLATTEN __attribute__((flatten))
+template <Fmt F, int R> KITELM_AVX2 KITELM_FLATTEN void int_avx2(const Problem& p, int64_t b, int64_t e) { rows_int<Avx2, F, R>(p, b, e); }
+template <Fmt F, int R> KITELM_AVX512 KITELM_FLATTEN void int_avx512(const Problem& p, int64_t b, int64_t e) { rows_int<Avx512, F, R>(p, b, e); }
+template <Fmt F, int R> KITELM_AVX512VNNI KITELM_FLATTEN void int_vnni(const Problem& p, int64_t b, int64_t e) { rows_int<Avx512Vnni, F, R>(p, b, e); }
+template <int R> KITELM_AVX2 KITELM_FLATTEN void fp32_avx2(const Problem& p, int64_t b, int64_t e) { rows_fp32<Avx2, R>(p, b, e); }
+template <int R> KITELM_AVX512 KITELM_FLATTEN void fp32_avx512(const Problem& p, int64_t b, int64_t e) { rows_fp32<Avx512, R>(p, b, e); }
 
 bool cpu_has_avx512() {
   __builtin_cpu_init();
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
          __builtin_cpu_supports("avx512dq");
 }
+bool cpu_has_avx512vnni() {
+  __builtin_cpu_init();
+  return cpu_has_avx512() && __builtin_cpu_supports("avx512vnni");
+}
 bool cpu_has_avx2() {
   __builtin_cpu_init();
   return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-}
-
-// ---------------------------------------------------------------------------- AVX-512 BF16 path (int4 weights only)
-// The fp32 int4 path is bound by turning nibbles into floats (≈ 9 vector ops per 32 weights). Here nibbles become bf16
-// through a 16-entry table (vpermw: bf16(n − 8) is exact) and VDPBF16PS multiplies 32 pairs per instruction into fp32:
-// ≈ 10 ops per 64 weights. The price: x is rounded to bf16 (relative 2⁻⁹, small against int4's step), and the twin
-// rounds it the same way. A 32-byte load holds two 32-weight blocks; its low nibbles are weights 0-15 of both blocks,
-// its high nibbles weights 16-31, so x is pre-permuted per 64 weights to [x0..15, x32..47, x16..31, x48..63].
-#define KITELM_AVX512BF16 __attribute__((target("avx512f,avx512bw,avx512dq,avx512bf16,fma")))
-
-template <int R>
-KITELM_AVX512BF16 void rows_avx512bf16_int4(const Problem& p, int64_t begin, int64_t end) {
-  const int64_t in = p.in;
-  std::vector<float> scale_buffer(p.ngroups);
-  float* sb = scale_buffer.data();
-  alignas(64) uint16_t table[32] = {};
-  for (int n = 0; n < 16; ++n) table[n] = float_to_bf16(static_cast<float>(n - 8));
-  const __m512i lut = _mm512_load_si512(table);
-  const __m512i low = _mm512_set1_epi16(0xf);
-  for (int64_t o = begin; o < end; ++o) {
-    row_scales(p, o, sb);
-    const uint8_t* w = static_cast<const uint8_t*>(p.w) + o * (in / 2);
-    __m512 acc[R];
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
-    for (int64_t k = 0; k < in; k += 64) {
-      const __m512i n = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k / 2)));
-      const __m512i wlo = _mm512_permutexvar_epi16(_mm512_and_si512(n, low), lut);
-      const __m512i whi = _mm512_permutexvar_epi16(_mm512_srli_epi16(n, 4), lut);
-      const __m512 s = _mm512_insertf32x8(_mm512_set1_ps(sb[k >> p.shift]), _mm256_set1_ps(sb[(k + 32) >> p.shift]), 1);
-#pragma GCC unroll 8
-      for (int r = 0; r < R; ++r) {
-        const uint16_t* xr = p.xb + r * in + k;
-        __m512 dot = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)wlo, (__m512bh)_mm512_loadu_si512(xr));
-        dot = _mm512_dpbf16_ps(dot, (__m512bh)whi, (__m512bh)_mm512_loadu_si512(xr + 32));
-        acc[r] = _mm512_fmadd_ps(dot, s, acc[r]);
-      }
-    }
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) {
-      const float sum = _mm512_reduce_add_ps(acc[r]);
-      p.y[r * p.out + o] = p.bias ? sum + p.bias[o] : sum;
-    }
-  }
-}
-
-bool cpu_has_avx512bf16() {
-  __builtin_cpu_init();
-  return cpu_has_avx512() && __builtin_cpu_supports("avx512bf16");
 }
 #endif  // KITELM_X86
 
 using RowsFn = void (*)(const Problem&, int64_t, int64_t);
 
-RowsFn pick(int isa, Fmt fmt, int64_t rows) {
+#define KITELM_BY_ROWS(FN, ...)                                                                               \
+  switch (rows) {                                                                                             \
+    case 1: return FN<__VA_ARGS__ 1>; case 2: return FN<__VA_ARGS__ 2>; case 3: return FN<__VA_ARGS__ 3>;     \
+    case 4: return FN<__VA_ARGS__ 4>; case 5: return FN<__VA_ARGS__ 5>; case 6: return FN<__VA_ARGS__ 6>;     \
+    case 7: return FN<__VA_ARGS__ 7>; case 8: return FN<__VA_ARGS__ 8>;                                       \
+  }
+
+RowsFn pick(int isa, Fmt fmt, bool int_x, int64_t rows) {
 #if KITELM_X86
-  if (isa == kAvx512Bf16 && fmt == Fmt::int4) {
-    switch (rows) {
-      case 1: return rows_avx512bf16_int4<1>; case 2: return rows_avx512bf16_int4<2>;
-      case 3: return rows_avx512bf16_int4<3>; case 4: return rows_avx512bf16_int4<4>;
-      case 5: return rows_avx512bf16_int4<5>; case 6: return rows_avx512bf16_int4<6>;
-      case 7: return rows_avx512bf16_int4<7>; case 8: return rows_avx512bf16_int4<8>;
-    }
-  }
-  if (isa >= kAvx512) {
-    switch (rows) {
-      case 1: return rows_avx512<1>; case 2: return rows_avx512<2>; case 3: return rows_avx512<3>;
-      case 4: return rows_avx512<4>; case 5: return rows_avx512<5>; case 6: return rows_avx512<6>;
-      case 7: return rows_avx512<7>; case 8: return rows_avx512<8>;
-    }
-  }
-  if (isa == kAvx2) {
-    switch (rows) {
-      case 1: return rows_avx2<1>; case 2: return rows_avx2<2>; case 3: return rows_avx2<3>;
-      case 4: return rows_avx2<4>; case 5: return rows_avx2<5>; case 6: return rows_avx2<6>;
-      case 7: return rows_avx2<7>; case 8: return rows_avx2<8>;
-    }
+  if (int_x && fmt == Fmt::int8) {
+    if (isa == kAvx512Vnni) KITELM_BY_ROWS(int_vnni, Fmt::int8, )
+    if (isa == kAvx512) KITELM_BY_ROWS(int_avx512, Fmt::int8, )
+    if (isa == kAvx2) KITELM_BY_ROWS(int_avx2, Fmt::int8, )
+  } else if (int_x) {
+    if (isa == kAvx512Vnni) KITELM_BY_ROWS(int_vnni, Fmt::int4, )
+    if (isa == kAvx512) KITELM_BY_ROWS(int_avx512, Fmt::int4, )
+    if (isa == kAvx2) KITELM_BY_ROWS(int_avx2, Fmt::int4, )
+  } else {
+    if (isa >= kAvx512) KITELM_BY_ROWS(fp32_avx512, )
+    if (isa == kAvx2) KITELM_BY_ROWS(fp32_avx2, )
   }
 #endif
-  return rows_scalar;
+  return int_x ? rows_scalar_int : rows_scalar;
 }
 
 int checked_isa(int64_t isa) {
-  TORCH_CHECK(isa >= kScalar && isa <= kAvx512Bf16, "quant kernels: isa must be 0, 1, 2 or 3, got ", isa);
+  TORCH_CHECK(isa >= kScalar && isa <= kAvx512Vnni, "quant kernels: isa must be 0, 1, 2 or 3, got ", isa);
 #if KITELM_X86
-  TORCH_CHECK(isa != kAvx512Bf16 || cpu_has_avx512bf16(), "quant kernels: this CPU has no AVX512-BF16");
+  TORCH_CHECK(isa != kAvx512Vnni || cpu_has_avx512vnni(), "quant kernels: this CPU has no AVX512-VNNI");
   TORCH_CHECK(isa != kAvx512 || cpu_has_avx512(), "quant kernels: this CPU has no AVX-512 F/BW/DQ");
   TORCH_CHECK(isa != kAvx2 || cpu_has_avx2(), "quant kernels: this CPU has no AVX2+FMA");
 #else
@@ -400,9 +469,58 @@ int checked_isa(int64_t isa) {
   return static_cast<int>(isa);
 }
 
-// Shared checks and the parallel loop. `packed_in` is the stored row length (in / 2 for int4).
+// x quantized per block (natural order) and, for a vector path of `lanes` lanes, its chunk layout (XLanes).
+struct QuantizedX {
+  std::vector<int8_t> q, lane_q;
+  std::vector<float> s, lane_s;
+  std::vector<int32_t> sum, lane_corr;
+  XLanes lanes;
+};
+
+void quantize_rows(const float* x, int64_t rows, int64_t in, QuantizedX& qx) {
+  const int64_t nb = in / kBlock;
+  qx.q.resize(rows * in);
+  qx.s.resize(rows * nb);
+  qx.sum.resize(rows * nb);
+  for (int64_t b = 0; b < rows * nb; ++b)  // a row is a whole number of blocks
+    qx.s[b] = quantize_block(x + b * kBlock, qx.q.data() + b * kBlock, qx.sum.data() + b);
+}
+
+void prepare_lanes(Fmt fmt, int64_t rows, int64_t in, int shift, int lanes, bool vnni, QuantizedX& qx) {
+  const int64_t chunk_weights = fmt == Fmt::int4 ? 8 * lanes : 4 * lanes;
+  const int blocks_per_chunk = static_cast<int>(chunk_weights / kBlock), lanes_per_block = lanes / blocks_per_chunk;
+  const int64_t nb = in / kBlock, chunks = (in + chunk_weights - 1) / chunk_weights;
+  XLanes& xl = qx.lanes;
+  xl.row_q = chunks * chunk_weights;
+  xl.row_lanes = chunks * lanes;
+  qx.lane_q.assign(rows * xl.row_q, 0);
+  qx.lane_s.assign(rows * xl.row_lanes, 0.f);
+  qx.lane_corr.assign(rows * xl.row_lanes, 0);
+  const int32_t offset = fmt == Fmt::int4 ? 8 : (vnni ? 128 : 0);  // the u8 operand's bias (none: int8 sign trick)
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t b = 0; b < nb; ++b) {
+      const int64_t c = b / blocks_per_chunk, j = b % blocks_per_chunk, first = r * xl.row_lanes + c * lanes + j * lanes_per_block;
+      for (int l = 0; l < lanes_per_block; ++l) qx.lane_s[first + l] = qx.s[r * nb + b];
+      qx.lane_corr[first] = -offset * qx.sum[r * nb + b];
+      const int8_t* src = qx.q.data() + r * in + b * kBlock;
+      int8_t* dst = qx.lane_q.data() + r * xl.row_q + c * chunk_weights;
+      if (fmt == Fmt::int8) {
+        std::memcpy(dst + j * kBlock, src, kBlock);
+      } else {  // block j of the chunk: its bytes are at 16j of the weight vector; low nibbles = x 0-15, high = 16-31
+        std::memcpy(dst + 16 * j, src, 16);
+        std::memcpy(dst + 4 * lanes + 16 * j, src + 16, 16);
+      }
+    }
+  }
+  for (int l = 0; l < lanes; ++l) xl.idx[l] = (kBlock * (l / lanes_per_block)) >> shift;
+  xl.q = qx.lane_q.data();
+  xl.s = qx.lane_s.data();
+  xl.corr = qx.lane_corr.data();
+}
+
+// Shared checks and the parallel loop.
 torch::Tensor run(Fmt fmt, const torch::Tensor& x_in, const torch::Tensor& w_in, const c10::optional<torch::Tensor>& scales_in,
-                  const c10::optional<torch::Tensor>& bias_in, int64_t group, int64_t isa_in) {
+                  const c10::optional<torch::Tensor>& bias_in, int64_t group, int64_t isa_in, bool quantize_x) {
   const int isa = checked_isa(isa_in);
   TORCH_CHECK(x_in.scalar_type() == torch::kFloat && x_in.device().is_cpu() && x_in.dim() >= 1,
               "quant kernels: x must be a float32 CPU tensor");
@@ -441,35 +559,32 @@ torch::Tensor run(Fmt fmt, const torch::Tensor& x_in, const torch::Tensor& w_in,
     TORCH_CHECK(bias->scalar_type() == torch::kFloat && bias->numel() == out, "quant kernels: bias must be float32 [",
                 out, "]");
   }
-  // vector chunks (16 or 8 weights) must not straddle two scales and scales are found by a shift: the group must be
-  // a power of two ≥ the chunk, or the row must have one scale; other groups take the portable path
-  const int64_t chunk = isa >= kAvx512 ? 16 : 8;
+  // int8 x needs whole blocks of 32 that share one weight scale; the vector paths find scales by a shift, so a group
+  // that is no power of two takes the portable path (fp32 x: also a group smaller than one vector of L weights)
+  const bool int_x = quantize_x && fmt != Fmt::bf16 && in % kBlock == 0 && group % kBlock == 0;
   const bool pow2 = (group & (group - 1)) == 0;
   const int shift = ngroups == 1 ? 62 : (pow2 ? __builtin_ctzll(static_cast<uint64_t>(group)) : 0);
-  int effective = (fmt != Fmt::bf16 && ngroups > 1 && (!pow2 || group < chunk)) ? kScalar : isa;
-  if (effective == kAvx512Bf16 && (fmt != Fmt::int4 || in % 64 != 0)) effective = kAvx512;  // bf16 dots: int4 only
+  const int64_t lanes = isa >= kAvx512 ? 16 : 8;
+  const bool vector_ok = ngroups == 1 || (pow2 && (int_x || fmt == Fmt::bf16 || group >= lanes));
+  int effective = vector_ok ? isa : kScalar;
+  if (!int_x && effective == kAvx512Vnni) effective = kAvx512;  // VNNI has nothing to add to fp32 arithmetic
   auto out_shape = x_in.sizes().vec();
   out_shape.back() = out;
   auto y = torch::empty(out_shape, x.options());
   Problem p{fmt, rows, in, out, group, ngroups, shift, x.data_ptr<float>(), w.data_ptr(),
             scales.has_value() ? reinterpret_cast<const uint16_t*>(scales->data_ptr()) : nullptr,
-            bias.has_value() ? bias->data_ptr<float>() : nullptr, y.data_ptr<float>(), nullptr};
-  std::vector<uint16_t> xb;
-  if (effective == kAvx512Bf16) {  // x → bf16 in the nibble order of each 64 weights: [0..16, 32..48, 16..32, 48..64)
-    xb.resize(rows * in);
-    for (int64_t r = 0; r < rows; ++r)
-      for (int64_t k = 0; k < in; k += 64)
-        for (int j = 0; j < 16; ++j) {
-          const float* xr = p.x + r * in + k;
-          uint16_t* d = xb.data() + r * in + k;
-          d[j] = float_to_bf16(xr[j]);
-          d[16 + j] = float_to_bf16(xr[32 + j]);
-          d[32 + j] = float_to_bf16(xr[16 + j]);
-          d[48 + j] = float_to_bf16(xr[48 + j]);
-        }
-    p.xb = xb.data();
+            bias.has_value() ? bias->data_ptr<float>() : nullptr, y.data_ptr<float>()};
+  QuantizedX qx;
+  if (int_x) {
+    quantize_rows(p.x, rows, in, qx);
+    p.xq = qx.q.data();
+    p.xs = qx.s.data();
+    if (effective != kScalar) {
+      prepare_lanes(fmt, rows, in, shift, static_cast<int>(lanes), effective == kAvx512Vnni, qx);
+      p.lanes = &qx.lanes;
+    }
   }
-  const RowsFn fn = pick(effective, fmt, rows);
+  const RowsFn fn = pick(effective, fmt, int_x, rows);
   const int64_t row_bytes = fmt == Fmt::int4 ? in / 2 : (fmt == Fmt::int8 ? in : 2 * in);
   // ≥ 1 MiB of weights per task: small layers stay on the calling thread, which (unlike a worker that another
   // process may have descheduled) is running for sure; a shared 2-core VM otherwise stalls a step per parallel call
@@ -482,15 +597,30 @@ torch::Tensor run(Fmt fmt, const torch::Tensor& x_in, const torch::Tensor& w_in,
 
 torch::Tensor gemv_bf16(const torch::Tensor& x, const torch::Tensor& w, const c10::optional<torch::Tensor>& bias,
                         int64_t isa) {
-  return run(Fmt::bf16, x, w, c10::nullopt, bias, 0, isa);
+  return run(Fmt::bf16, x, w, c10::nullopt, bias, 0, isa, false);
 }
 torch::Tensor gemv_int8(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scales,
-                        const c10::optional<torch::Tensor>& bias, int64_t group, int64_t isa) {
-  return run(Fmt::int8, x, q, scales, bias, group, isa);
+                        const c10::optional<torch::Tensor>& bias, int64_t group, int64_t isa, bool quantize_x) {
+  return run(Fmt::int8, x, q, scales, bias, group, isa, quantize_x);
 }
 torch::Tensor gemv_int4(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scales,
-                        const c10::optional<torch::Tensor>& bias, int64_t group, int64_t isa) {
-  return run(Fmt::int4, x, q, scales, bias, group, isa);
+                        const c10::optional<torch::Tensor>& bias, int64_t group, int64_t isa, bool quantize_x) {
+  return run(Fmt::int4, x, q, scales, bias, group, isa, quantize_x);
+}
+
+// x [rows, in] float32 (in % 32 == 0) → (x_q int8 [rows, in], s_x float32 [rows, in / 32]) exactly as the int8-x
+// kernels quantize it: what tests compare `quantize_activations` with.
+std::vector<torch::Tensor> quantize_activations(const torch::Tensor& x_in) {
+  TORCH_CHECK(x_in.scalar_type() == torch::kFloat && x_in.dim() == 2 && x_in.size(1) % kBlock == 0,
+              "quantize_activations: x must be float32 [rows, in] with in a multiple of 32, got ", x_in.sizes());
+  const auto x = x_in.contiguous();
+  QuantizedX qx;
+  quantize_rows(x.data_ptr<float>(), x.size(0), x.size(1), qx);
+  auto q = torch::empty({x.size(0), x.size(1)}, x.options().dtype(torch::kChar));
+  auto s = torch::empty({x.size(0), x.size(1) / kBlock}, x.options());
+  std::memcpy(q.data_ptr(), qx.q.data(), qx.q.size());
+  std::memcpy(s.data_ptr(), qx.s.data(), qx.s.size() * sizeof(float));
+  return {q, s};
 }
 
 // Rows [begin, end) of Ŵ into wf (float32) or wb (bf16 bits); `row` is a scratch buffer of `in` floats. One source,
@@ -566,7 +696,7 @@ torch::Tensor dequantize(const torch::Tensor& q_in, const torch::Tensor& scales_
 
 int64_t best_isa() {
 #if KITELM_X86
-  if (cpu_has_avx512bf16()) return kAvx512Bf16;
+  if (cpu_has_avx512vnni()) return kAvx512Vnni;
   if (cpu_has_avx512()) return kAvx512;
   if (cpu_has_avx2()) return kAvx2;
 #endif
@@ -575,8 +705,9 @@ int64_t best_isa() {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemv_bf16", &gemv_bf16, "y = x Wᵀ + b, W bfloat16, 1-8 rows of fp32 x");
-  m.def("gemv_int8", &gemv_int8, "y = x Ŵᵀ + b, Ŵ = int8 · bf16 group scale, 1-8 rows");
-  m.def("gemv_int4", &gemv_int4, "y = x Ŵᵀ + b, Ŵ = (nibble − 8) · bf16 group scale, 1-8 rows");
+  m.def("gemv_int8", &gemv_int8, "y = x Ŵᵀ + b, Ŵ = int8 · bf16 group scale, 1-8 rows; quantize_x: int8 x per block of 32");
+  m.def("gemv_int4", &gemv_int4, "y = x Ŵᵀ + b, Ŵ = (nibble − 8) · bf16 group scale, 1-8 rows; quantize_x as gemv_int8");
+  m.def("quantize_activations", &quantize_activations, "x [rows, in] → (x_q int8, s_x float32 per block of 32)");
   m.def("dequantize", &dequantize, "int8/int4 storage → float32/bfloat16 weight");
-  m.def("best_isa", &best_isa, "0 portable, 1 AVX2+FMA, 2 AVX-512, 3 AVX-512 + BF16: the fastest path this CPU runs");
+  m.def("best_isa", &best_isa, "0 portable, 1 AVX2+FMA, 2 AVX-512, 3 AVX-512 + VNNI: the fastest path this CPU runs");
 }
