@@ -138,16 +138,18 @@ def activation_cases() -> torch.Tensor:
     return torch.stack(rows + [mixed, special.reshape(-1)])
 
 
-def test_activation_quantizer_twin_is_bit_exact(kernels):
+@pytest.mark.parametrize("isa", ISAS)
+def test_activation_quantizer_twin_is_bit_exact(kernels, isa):
+    """The kernels' quantizer of each ISA (scalar, AVX2, AVX-512 vectors) against the twin."""
     x = activation_cases()
-    q, s = kernels.quantize_activations(x)
+    q, s = kernels.quantize_activations(x, Q.ISAS[isa])
     tq, ts = Q.quantize_activations(x)
     assert q.dtype == tq.dtype == torch.int8 and s.dtype == ts.dtype == torch.float32
     assert torch.equal(q, tq) and torch.equal(s.view(torch.int32), ts.view(torch.int32))
     # non-finite values: their block gets s_x = NaN and x_q = 0, other blocks are untouched
     bad = x[:2].clone()
     bad[0, 40], bad[1, 200] = float("nan"), float("inf")
-    q, s = kernels.quantize_activations(bad)
+    q, s = kernels.quantize_activations(bad, Q.ISAS[isa])
     tq, ts = Q.quantize_activations(bad)
     assert torch.equal(q, tq) and torch.equal(s.isnan(), ts.isnan()) and torch.equal(s[~s.isnan()], ts[~ts.isnan()])
     assert s[0, 1].isnan() and s[1, 6].isnan() and s.isnan().sum() == 2 and (q[0, 32:64] == 0).all()
@@ -178,7 +180,7 @@ def test_activation_quantizer_needs_whole_blocks(kernels):
     with pytest.raises(ValueError, match="not a multiple of 32"):
         Q.quantize_activations(torch.randn(2, 91))
     with pytest.raises(RuntimeError, match="multiple of 32"):
-        kernels.quantize_activations(torch.randn(2, 91))
+        kernels.quantize_activations(torch.randn(2, 91), 0)
     assert not Q.quantizes_x("int8", 91, 91) and not Q.quantizes_x("int8", 160, 16)  # such layers keep fp32 x
 
 

@@ -29,6 +29,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -42,6 +43,9 @@
 // have one, so the ABI note GCC gives for them does not apply.
 #pragma GCC diagnostic ignored "-Wpsabi"
 #define KITELM_INLINE inline __attribute__((always_inline))
+#ifndef KITELM_PREFETCH  // bytes ahead of the weight row being read that are prefetched (0: none)
+#define KITELM_PREFETCH 4096
+#endif
 
 namespace {
 
@@ -223,6 +227,31 @@ struct Avx2 {
   }
   KITELM_AVX2 static F low_nibbles(I n) { return _mm256_cvtepi32_ps(_mm256_and_si256(n, _mm256_set1_epi32(0xf))); }
   KITELM_AVX2 static F high_nibbles(I n) { return _mm256_cvtepi32_ps(_mm256_srli_epi32(n, 4)); }
+  // n bf16 scales → n floats (whole vectors; the last one partial)
+  KITELM_AVX2 static void row_scales(const uint16_t* src, int64_t n, float* dst) {
+    int64_t g = 0;
+    for (; g + 8 <= n; g += 8) _mm256_storeu_ps(dst + g, from_bf16(src + g));
+    for (; g < n; ++g) dst[g] = bf16_to_float(src[g]);
+  }
+  // x quantizer (quantize_block_v)
+  KITELM_AVX2 static F abs(F v) { return _mm256_andnot_ps(_mm256_set1_ps(-0.f), v); }
+  KITELM_AVX2 static F max(F a, F b) { return _mm256_max_ps(a, b); }
+  KITELM_AVX2 static F clamp127(F v) { return _mm256_min_ps(_mm256_max_ps(v, _mm256_set1_ps(-127.f)), _mm256_set1_ps(127.f)); }
+  KITELM_AVX2 static F div(F a, F b) { return _mm256_div_ps(a, b); }
+  KITELM_AVX2 static F round_even(F v) { return _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  KITELM_AVX2 static bool all_finite(F a) {  // a = |x|: false for inf and NaN
+    return _mm256_movemask_ps(_mm256_cmp_ps(a, _mm256_set1_ps(FLT_MAX), _CMP_LE_OQ)) == 0xff;
+  }
+  KITELM_AVX2 static float hmax(F v) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+  }
+  KITELM_AVX2 static void store_int8(int8_t* p, F v) {  // v integral in [−127, 127]
+    const I i = _mm256_cvtps_epi32(v);
+    const __m128i h = _mm_packs_epi32(_mm256_castsi256_si128(i), _mm256_extracti128_si256(i, 1));
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(p), _mm_packs_epi16(h, h));
+  }
 };
 
 struct Avx512 {
@@ -268,6 +297,25 @@ struct Avx512 {
   }
   KITELM_AVX512 static F low_nibbles(I n) { return _mm512_cvtepi32_ps(_mm512_and_si512(n, _mm512_set1_epi32(0xf))); }
   KITELM_AVX512 static F high_nibbles(I n) { return _mm512_cvtepi32_ps(_mm512_srli_epi32(n, 4)); }
+  KITELM_AVX512 static void row_scales(const uint16_t* src, int64_t n, float* dst) {
+    int64_t g = 0;
+    for (; g + 16 <= n; g += 16) _mm512_storeu_ps(dst + g, from_bf16(src + g));
+    if (g < n) {
+      const __mmask16 m = static_cast<__mmask16>((1u << (n - g)) - 1);
+      const __m512i raw = _mm512_cvtepu16_epi32(_mm512_castsi512_si256(_mm512_maskz_loadu_epi16(m, src + g)));
+      _mm512_mask_storeu_ps(dst + g, m, _mm512_castsi512_ps(_mm512_slli_epi32(raw, 16)));
+    }
+  }
+  KITELM_AVX512 static F abs(F v) { return _mm512_abs_ps(v); }
+  KITELM_AVX512 static F max(F a, F b) { return _mm512_max_ps(a, b); }
+  KITELM_AVX512 static F clamp127(F v) { return _mm512_min_ps(_mm512_max_ps(v, _mm512_set1_ps(-127.f)), _mm512_set1_ps(127.f)); }
+  KITELM_AVX512 static F div(F a, F b) { return _mm512_div_ps(a, b); }
+  KITELM_AVX512 static F round_even(F v) { return _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  KITELM_AVX512 static bool all_finite(F a) { return _mm512_cmp_ps_mask(a, _mm512_set1_ps(FLT_MAX), _CMP_LE_OQ) == 0xffff; }
+  KITELM_AVX512 static float hmax(F v) { return _mm512_reduce_max_ps(v); }
+  KITELM_AVX512 static void store_int8(int8_t* p, F v) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(v)));
+  }
 };
 
 // VPDPBUSD multiplies u8 × s8 and adds 4 products per lane into int32 without saturation. Nibbles n = q + 8 are u8
@@ -282,94 +330,182 @@ struct Avx512Vnni : Avx512 {
   KITELM_AVX512VNNI static I dot8(const W8& w, I acc, I x) { return _mm512_dpbusd_epi32(acc, w.biased, x); }
 };
 
+// quantize_block in vectors: the same operations (IEEE division, round half to even, the same scalar s_x), so the
+// same bits; `quantize_activations(x, isa)` lets the tests check every ISA against the twin.
+template <class V>
+KITELM_INLINE float quantize_block_v(const float* x, int8_t* q, int32_t* sum) {
+  using Fv = typename V::F;
+  constexpr int L = V::kLanes, N = kBlock / L;
+  Fv v[N], m = V::zero();
+  bool finite = true;
+  for (int n = 0; n < N; ++n) {
+    v[n] = V::loadf(x + n * L);
+    const Fv a = V::abs(v[n]);
+    finite = V::all_finite(a) && finite;
+    m = V::max(m, a);
+  }
+  const float d = V::hmax(m) / 127.f;
+  if (!finite || d < FLT_MIN) {
+    std::memset(q, 0, kBlock);
+    *sum = 0;
+    return finite ? 0.f : NAN;
+  }
+  const float s = bf16_to_float(float_to_bf16(d));
+  Fv total = V::zero();
+  for (int n = 0; n < N; ++n) {
+    const Fv t = V::clamp127(V::round_even(V::div(v[n], V::set1(s))));
+    total = V::add(total, t);  // integers: exact in any order
+    V::store_int8(q + n * L, t);
+  }
+  *sum = static_cast<int32_t>(V::hsum(total));
+  return s;
+}
+
 // --------------------------------------------------------------------------------------- int8-x kernel (template)
 // A chunk is one weight vector: 4L bytes = 4L int8 weights (blocks of 32 in 8 lanes each) or 8L int4 weights (a
 // block per 16 bytes; low nibbles against x_q's low-order copy, high nibbles against the high-order one: 4 lanes each).
-// Per chunk and row of x: int32 dots D (lanes) → fp32, × s_x (lanes), FMA × s_w (lanes) into acc[r][u].
-template <class V, Fmt F, int R, int U>
-KITELM_INLINE void int_chunk(typename V::I wv, int64_t c, const float* sb, int shift, typename V::I idx,
-                             const XLanes& xl, typename V::F (&acc)[R][U], int u) {
+// Per chunk and row of x: int32 dots D (lanes) → fp32, × s_x (lanes), FMA × s_w (lanes) into acc[o][r]. O output
+// rows go together, so every x vector loaded (x_q, the offset, s_x: 3 per row and chunk) serves O weight rows: at 4-8
+// rows of x those loads, not the arithmetic, are what the kernel waits for.
+template <class V, Fmt F, int R, int O>
+KITELM_INLINE void int_chunk(const typename V::I (&wv)[O], int64_t c, const float* const (&sb)[O], int shift,
+                             typename V::I idx, const XLanes& xl, typename V::F (&acc)[O][R]) {
   using I = typename V::I;
   constexpr int L = V::kLanes;
   constexpr int64_t kChunkWeights = F == Fmt::int4 ? 8 * L : 4 * L;
-  const typename V::F sw = V::permute(idx, V::loadf(sb + ((c * kChunkWeights) >> shift)));
-  I a[R];
+  typename V::F sw[O];
+#pragma GCC unroll 2
+  for (int o = 0; o < O; ++o) sw[o] = V::permute(idx, V::loadf(sb[o] + ((c * kChunkWeights) >> shift)));
+  // weight side, shared by the rows of x
+  typename V::W8 w8[O];
+  I lo[O], hi[O];
   if constexpr (F == Fmt::int8) {
-    const auto w8 = V::prep8(wv);
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) {
-      const I x = V::load(xl.q + r * xl.row_q + c * 4 * L);
-      if constexpr (V::kVnni) a[r] = V::dot8(w8, V::load(xl.corr + r * xl.row_lanes + c * L), x);
-      else a[r] = V::dot8(w8, I{}, x);  // the sign trick needs no offset
-    }
+#pragma GCC unroll 2
+    for (int o = 0; o < O; ++o) w8[o] = V::prep8(wv[o]);
   } else {
     const I low = V::bytes(0x0f);
-    const I lo = V::and_(wv, low), hi = V::and_(V::srl4_16(wv), low);
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) {
-      const int8_t* x = xl.q + r * xl.row_q + c * 8 * L;
-      a[r] = V::dot2(V::load(xl.corr + r * xl.row_lanes + c * L), lo, V::load(x), hi, V::load(x + 4 * L));
-    }
+#pragma GCC unroll 2
+    for (int o = 0; o < O; ++o) lo[o] = V::and_(wv[o], low), hi[o] = V::and_(V::srl4_16(wv[o]), low);
   }
+  // each row of x: its vectors once, then dot → fp32 → × s_x → FMA × s_w for every weight row (few live registers)
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r) {
-    const typename V::F d = V::mul(V::cvt(a[r]), V::loadf(xl.s + r * xl.row_lanes + c * L));
-    acc[r][u] = V::fma(d, sw, acc[r][u]);
+    const int8_t* x = xl.q + r * xl.row_q + c * kChunkWeights;
+    const I x0 = V::load(x);
+    I x1{}, corr{};
+    if constexpr (F == Fmt::int4) x1 = V::load(x + 4 * L);
+    if constexpr (F == Fmt::int4 || V::kVnni) corr = V::load(xl.corr + r * xl.row_lanes + c * L);
+    const typename V::F s = V::loadf(xl.s + r * xl.row_lanes + c * L);
+#pragma GCC unroll 2
+    for (int o = 0; o < O; ++o) {
+      I a;
+      if constexpr (F == Fmt::int8) a = V::dot8(w8[o], corr, x0);  // corr: unused by the sign trick
+      else a = V::dot2(corr, lo[o], x0, hi[o], x1);
+      acc[o][r] = V::fma(V::mul(V::cvt(a), s), sw[o], acc[o][r]);
+    }
+  }
+}
+
+// Output rows o0 .. o0 + O − 1; U sets of accumulators (independent chains in flight when there are few rows of x).
+template <class V, Fmt F, int R, int O, int U>
+KITELM_INLINE void int_rows(const Problem& p, int64_t o0, float* const (&sb)[O], typename V::I idx) {
+  using Fv = typename V::F;
+  constexpr int64_t kChunkBytes = 4 * V::kLanes;
+  const XLanes& xl = *p.lanes;
+  const int64_t row_bytes = F == Fmt::int4 ? p.in / 2 : p.in;
+  const int64_t full = row_bytes / kChunkBytes, tail = row_bytes % kChunkBytes;
+  const uint8_t* w[O];
+#pragma GCC unroll 2
+  for (int o = 0; o < O; ++o) {
+    V::row_scales(p.scales + (o0 + o) * p.ngroups, p.ngroups, sb[o]);
+    w[o] = static_cast<const uint8_t*>(p.w) + (o0 + o) * row_bytes;
+  }
+  Fv acc[U][O][R];  // every loop over them is unrolled, so they stay in registers
+#pragma GCC unroll 4
+  for (int u = 0; u < U; ++u)
+#pragma GCC unroll 2
+    for (int o = 0; o < O; ++o)
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) acc[u][o][r] = V::zero();
+  typename V::I wv[O];
+  int64_t c = 0;
+  for (; c + U <= full; c += U) {
+#pragma GCC unroll 4
+    for (int u = 0; u < U; ++u) {
+#pragma GCC unroll 2
+      for (int o = 0; o < O; ++o) {
+#if KITELM_PREFETCH
+        __builtin_prefetch(w[o] + (c + u) * kChunkBytes + KITELM_PREFETCH);
+#endif
+        wv[o] = V::load(w[o] + (c + u) * kChunkBytes);
+      }
+      int_chunk<V, F, R, O>(wv, c + u, sb, p.shift, idx, xl, acc[u]);
+    }
+  }
+  for (; c < full; ++c) {
+#pragma GCC unroll 2
+    for (int o = 0; o < O; ++o) wv[o] = V::load(w[o] + c * kChunkBytes);
+    int_chunk<V, F, R, O>(wv, c, sb, p.shift, idx, xl, acc[0]);
+  }
+  if (tail) {
+#pragma GCC unroll 2
+    for (int o = 0; o < O; ++o) wv[o] = V::load_partial(w[o] + c * kChunkBytes, tail);
+    int_chunk<V, F, R, O>(wv, c, sb, p.shift, idx, xl, acc[0]);
+  }
+#pragma GCC unroll 2
+  for (int o = 0; o < O; ++o) {
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      Fv total = acc[0][o][r];
+#pragma GCC unroll 4
+      for (int u = 1; u < U; ++u) total = V::add(total, acc[u][o][r]);
+      const float sum = V::hsum(total);
+      p.y[r * p.out + o0 + o] = p.bias ? sum + p.bias[o0 + o] : sum;
+    }
   }
 }
 
 template <class V, Fmt F, int R>
 KITELM_INLINE void rows_int(const Problem& p, int64_t begin, int64_t end) {
-  constexpr int L = V::kLanes;
-  constexpr int U = R == 1 ? 4 : (R == 2 ? 2 : 1);  // independent chains in flight at 1-2 rows
-  constexpr int64_t kChunkBytes = 4 * L;
-  const XLanes& xl = *p.lanes;
-  const int64_t row_bytes = F == Fmt::int4 ? p.in / 2 : p.in;
-  const int64_t full = row_bytes / kChunkBytes, tail = row_bytes % kChunkBytes;
-  std::vector<float> scale_buffer(p.ngroups + L, 0.f);  // + L: a chunk's scale vector may read past the last group
-  float* sb = scale_buffer.data();
-  const typename V::I idx = V::load(xl.idx);
-  for (int64_t o = begin; o < end; ++o) {
-    row_scales(p, o, sb);
-    const uint8_t* w = static_cast<const uint8_t*>(p.w) + o * row_bytes;
-    typename V::F acc[R][U];
-    for (int r = 0; r < R; ++r)
-      for (int u = 0; u < U; ++u) acc[r][u] = V::zero();
-    int64_t c = 0;
-    for (; c + U <= full; c += U) {
-#pragma GCC unroll 4
-      for (int u = 0; u < U; ++u) int_chunk<V, F, R, U>(V::load(w + (c + u) * kChunkBytes), c + u, sb, p.shift, idx, xl, acc, u);
-    }
-    for (; c < full; ++c) int_chunk<V, F, R, U>(V::load(w + c * kChunkBytes), c, sb, p.shift, idx, xl, acc, 0);
-    if (tail) int_chunk<V, F, R, U>(V::load_partial(w + c * kChunkBytes, tail), c, sb, p.shift, idx, xl, acc, 0);
-    for (int r = 0; r < R; ++r) {
-      typename V::F total = acc[r][0];
-      for (int u = 1; u < U; ++u) total = V::add(total, acc[r][u]);
-      const float sum = V::hsum(total);
-      p.y[r * p.out + o] = p.bias ? sum + p.bias[o] : sum;
-    }
+  // two weight rows at a time where the registers hold 2 × R accumulators (AVX2 has 16 vector registers)
+  constexpr int O = V::kLanes == 16 || R <= 2 ? 2 : 1;
+  constexpr int U = R == 1 ? (O == 2 ? 2 : 4) : (R == 2 && O == 1 ? 2 : 1);
+  std::vector<float> scale_buffer(2 * (p.ngroups + V::kLanes), 0.f);  // + L: a chunk's scales may read past the end
+  float* const sb2[2] = {scale_buffer.data(), scale_buffer.data() + p.ngroups + V::kLanes};
+  float* const sb1[1] = {sb2[0]};
+  const typename V::I idx = V::load(p.lanes->idx);
+  int64_t o = begin;
+  if constexpr (O == 2) {
+    for (; o + 2 <= end; o += 2) int_rows<V, F, R, 2, U>(p, o, sb2, idx);
   }
+  for (; o < end; ++o) int_rows<V, F, R, 1, (R == 1 ? 4 : 1)>(p, o, sb1, idx);
 }
 
 // ------------------------------------------------------------------------------------------ fp32-x kernel (template)
 // Accumulators acc[r][u]: R rows of x × U independent chains. int8 vectors never straddle two scales (group % L == 0
 // or one group per row: checked by the caller); int4 goes a block of 32 at a time, L bytes → L low + L high nibbles.
-template <class V, int R>
+template <class V, Fmt F, int R>
 KITELM_INLINE void rows_fp32(const Problem& p, int64_t begin, int64_t end) {
   using Fv = typename V::F;
   constexpr int L = V::kLanes;
   constexpr int U = R == 1 ? 4 : (R == 2 ? 2 : 1);
+  constexpr int64_t step = F == Fmt::int4 ? kBlock : L;  // weights per unit of work
   const int64_t in = p.in;
   std::vector<float> scale_buffer(p.ngroups);
   float* sb = scale_buffer.data();
-  const int64_t step = p.fmt == Fmt::int4 ? kBlock : L;  // weights per unit of work
   for (int64_t o = begin; o < end; ++o) {
-    if (p.fmt != Fmt::bf16) row_scales(p, o, sb);
+    if constexpr (F != Fmt::bf16) row_scales(p, o, sb);
     Fv acc[R][U];
+#pragma GCC unroll 8
     for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
       for (int u = 0; u < U; ++u) acc[r][u] = V::zero();
     auto unit = [&](int64_t k, int u) __attribute__((always_inline)) {
-      if (p.fmt == Fmt::int4) {
+#if KITELM_PREFETCH
+      __builtin_prefetch(static_cast<const char*>(p.w) + (o * in + k) * (F == Fmt::bf16 ? 2 : 1) / (F == Fmt::int4 ? 2 : 1) +
+                         KITELM_PREFETCH);
+#endif
+      if constexpr (F == Fmt::int4) {
         const uint8_t* w = static_cast<const uint8_t*>(p.w) + o * (in / 2) + k / 2;
         const float sf = sb[k >> p.shift];
         const Fv s = V::set1(sf), minus8s = V::set1(-8.f * sf);  // ŵ = n·s − 8·s, exact in fp32
@@ -384,9 +520,9 @@ KITELM_INLINE void rows_fp32(const Problem& p, int64_t begin, int64_t end) {
           }
         }
       } else {
-        const Fv wv = p.fmt == Fmt::bf16
-                          ? V::from_bf16(static_cast<const uint16_t*>(p.w) + o * in + k)
-                          : V::mul(V::from_int8(static_cast<const int8_t*>(p.w) + o * in + k), V::set1(sb[k >> p.shift]));
+        Fv wv;
+        if constexpr (F == Fmt::bf16) wv = V::from_bf16(static_cast<const uint16_t*>(p.w) + o * in + k);
+        else wv = V::mul(V::from_int8(static_cast<const int8_t*>(p.w) + o * in + k), V::set1(sb[k >> p.shift]));
 #pragma GCC unroll 8
         for (int r = 0; r < R; ++r) acc[r][u] = V::fma(wv, V::loadf(p.x + r * in + k), acc[r][u]);
       }
@@ -397,8 +533,10 @@ KITELM_INLINE void rows_fp32(const Problem& p, int64_t begin, int64_t end) {
       for (int u = 0; u < U; ++u) unit(i + step * u, u);
     }
     for (; i + step <= in; i += step) unit(i, 0);
+#pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
       Fv total = acc[r][0];
+#pragma GCC unroll 4
       for (int u = 1; u < U; ++u) total = V::add(total, acc[r][u]);
       float sum = V::hsum(total);
       for (int64_t k = i; k < in; ++k) sum += weight_at(p, o, k) * p.x[r * in + k];  // tail (< L weights)
@@ -412,8 +550,8 @@ KITELM_INLINE void rows_fp32(const Problem& p, int64_t begin, int64_t end) {
 template <Fmt F, int R> KITELM_AVX2 KITELM_FLATTEN void int_avx2(const Problem& p, int64_t b, int64_t e) { rows_int<Avx2, F, R>(p, b, e); }
 template <Fmt F, int R> KITELM_AVX512 KITELM_FLATTEN void int_avx512(const Problem& p, int64_t b, int64_t e) { rows_int<Avx512, F, R>(p, b, e); }
 template <Fmt F, int R> KITELM_AVX512VNNI KITELM_FLATTEN void int_vnni(const Problem& p, int64_t b, int64_t e) { rows_int<Avx512Vnni, F, R>(p, b, e); }
-template <int R> KITELM_AVX2 KITELM_FLATTEN void fp32_avx2(const Problem& p, int64_t b, int64_t e) { rows_fp32<Avx2, R>(p, b, e); }
-template <int R> KITELM_AVX512 KITELM_FLATTEN void fp32_avx512(const Problem& p, int64_t b, int64_t e) { rows_fp32<Avx512, R>(p, b, e); }
+template <Fmt F, int R> KITELM_AVX2 KITELM_FLATTEN void fp32_avx2(const Problem& p, int64_t b, int64_t e) { rows_fp32<Avx2, F, R>(p, b, e); }
+template <Fmt F, int R> KITELM_AVX512 KITELM_FLATTEN void fp32_avx512(const Problem& p, int64_t b, int64_t e) { rows_fp32<Avx512, F, R>(p, b, e); }
 
 bool cpu_has_avx512() {
   __builtin_cpu_init();
@@ -449,9 +587,15 @@ RowsFn pick(int isa, Fmt fmt, bool int_x, int64_t rows) {
     if (isa == kAvx512Vnni) KITELM_BY_ROWS(int_vnni, Fmt::int4, )
     if (isa == kAvx512) KITELM_BY_ROWS(int_avx512, Fmt::int4, )
     if (isa == kAvx2) KITELM_BY_ROWS(int_avx2, Fmt::int4, )
+  } else if (fmt == Fmt::bf16) {
+    if (isa >= kAvx512) KITELM_BY_ROWS(fp32_avx512, Fmt::bf16, )
+    if (isa == kAvx2) KITELM_BY_ROWS(fp32_avx2, Fmt::bf16, )
+  } else if (fmt == Fmt::int8) {
+    if (isa >= kAvx512) KITELM_BY_ROWS(fp32_avx512, Fmt::int8, )
+    if (isa == kAvx2) KITELM_BY_ROWS(fp32_avx2, Fmt::int8, )
   } else {
-    if (isa >= kAvx512) KITELM_BY_ROWS(fp32_avx512, )
-    if (isa == kAvx2) KITELM_BY_ROWS(fp32_avx2, )
+    if (isa >= kAvx512) KITELM_BY_ROWS(fp32_avx512, Fmt::int4, )
+    if (isa == kAvx2) KITELM_BY_ROWS(fp32_avx2, Fmt::int4, )
   }
 #endif
   return int_x ? rows_scalar_int : rows_scalar;
@@ -477,16 +621,23 @@ struct QuantizedX {
   XLanes lanes;
 };
 
-void quantize_rows(const float* x, int64_t rows, int64_t in, QuantizedX& qx) {
+template <class V>  // V = void: the portable quantize_block
+KITELM_INLINE void quantize_rows(const float* x, int64_t rows, int64_t in, QuantizedX& qx) {
   const int64_t nb = in / kBlock;
   qx.q.resize(rows * in);
   qx.s.resize(rows * nb);
   qx.sum.resize(rows * nb);
-  for (int64_t b = 0; b < rows * nb; ++b)  // a row is a whole number of blocks
-    qx.s[b] = quantize_block(x + b * kBlock, qx.q.data() + b * kBlock, qx.sum.data() + b);
+  for (int64_t b = 0; b < rows * nb; ++b) {  // a row is a whole number of blocks
+    int8_t* q = qx.q.data() + b * kBlock;
+    int32_t* sum = qx.sum.data() + b;
+    if constexpr (std::is_void_v<V>) qx.s[b] = quantize_block(x + b * kBlock, q, sum);
+#if KITELM_X86
+    else qx.s[b] = quantize_block_v<V>(x + b * kBlock, q, sum);
+#endif
+  }
 }
 
-void prepare_lanes(Fmt fmt, int64_t rows, int64_t in, int shift, int lanes, bool vnni, QuantizedX& qx) {
+KITELM_INLINE void prepare_lanes(Fmt fmt, int64_t rows, int64_t in, int shift, int lanes, bool vnni, QuantizedX& qx) {
   const int64_t chunk_weights = fmt == Fmt::int4 ? 8 * lanes : 4 * lanes;
   const int blocks_per_chunk = static_cast<int>(chunk_weights / kBlock), lanes_per_block = lanes / blocks_per_chunk;
   const int64_t nb = in / kBlock, chunks = (in + chunk_weights - 1) / chunk_weights;
@@ -516,6 +667,27 @@ void prepare_lanes(Fmt fmt, int64_t rows, int64_t in, int shift, int lanes, bool
   xl.q = qx.lane_q.data();
   xl.s = qx.lane_s.data();
   xl.corr = qx.lane_corr.data();
+}
+
+#if KITELM_X86
+KITELM_AVX2 KITELM_FLATTEN void prepare_avx2(Fmt fmt, const float* x, int64_t rows, int64_t in, int shift, QuantizedX& qx) {
+  quantize_rows<Avx2>(x, rows, in, qx);
+  if (shift >= 0) prepare_lanes(fmt, rows, in, shift, Avx2::kLanes, false, qx);
+}
+KITELM_AVX512 KITELM_FLATTEN void prepare_avx512(Fmt fmt, const float* x, int64_t rows, int64_t in, int shift, bool vnni,
+                                                 QuantizedX& qx) {
+  quantize_rows<Avx512>(x, rows, in, qx);
+  if (shift >= 0) prepare_lanes(fmt, rows, in, shift, Avx512::kLanes, vnni, qx);
+}
+#endif
+
+// x of one call for path `isa`: quantized (natural order) and, for a vector path (shift ≥ 0), laid out in lanes.
+void prepare_x(int isa, Fmt fmt, const float* x, int64_t rows, int64_t in, int shift, QuantizedX& qx) {
+#if KITELM_X86
+  if (isa == kAvx2) return prepare_avx2(fmt, x, rows, in, shift, qx);
+  if (isa >= kAvx512) return prepare_avx512(fmt, x, rows, in, shift, isa == kAvx512Vnni, qx);
+#endif
+  quantize_rows<void>(x, rows, in, qx);
 }
 
 // Shared checks and the parallel loop.
@@ -576,13 +748,10 @@ torch::Tensor run(Fmt fmt, const torch::Tensor& x_in, const torch::Tensor& w_in,
             bias.has_value() ? bias->data_ptr<float>() : nullptr, y.data_ptr<float>()};
   QuantizedX qx;
   if (int_x) {
-    quantize_rows(p.x, rows, in, qx);
+    prepare_x(effective, fmt, p.x, rows, in, effective == kScalar ? -1 : shift, qx);
     p.xq = qx.q.data();
     p.xs = qx.s.data();
-    if (effective != kScalar) {
-      prepare_lanes(fmt, rows, in, shift, static_cast<int>(lanes), effective == kAvx512Vnni, qx);
-      p.lanes = &qx.lanes;
-    }
+    if (effective != kScalar) p.lanes = &qx.lanes;
   }
   const RowsFn fn = pick(effective, fmt, int_x, rows);
   const int64_t row_bytes = fmt == Fmt::int4 ? in / 2 : (fmt == Fmt::int8 ? in : 2 * in);
@@ -609,13 +778,13 @@ torch::Tensor gemv_int4(const torch::Tensor& x, const torch::Tensor& q, const to
 }
 
 // x [rows, in] float32 (in % 32 == 0) → (x_q int8 [rows, in], s_x float32 [rows, in / 32]) exactly as the int8-x
-// kernels quantize it: what tests compare `quantize_activations` with.
-std::vector<torch::Tensor> quantize_activations(const torch::Tensor& x_in) {
+// kernels of path `isa` quantize it: what tests compare the twin `quantize_activations` with.
+std::vector<torch::Tensor> quantize_activations(const torch::Tensor& x_in, int64_t isa) {
   TORCH_CHECK(x_in.scalar_type() == torch::kFloat && x_in.dim() == 2 && x_in.size(1) % kBlock == 0,
               "quantize_activations: x must be float32 [rows, in] with in a multiple of 32, got ", x_in.sizes());
   const auto x = x_in.contiguous();
   QuantizedX qx;
-  quantize_rows(x.data_ptr<float>(), x.size(0), x.size(1), qx);
+  prepare_x(checked_isa(isa), Fmt::int8, x.data_ptr<float>(), x.size(0), x.size(1), -1, qx);
   auto q = torch::empty({x.size(0), x.size(1)}, x.options().dtype(torch::kChar));
   auto s = torch::empty({x.size(0), x.size(1) / kBlock}, x.options());
   std::memcpy(q.data_ptr(), qx.q.data(), qx.q.size());
@@ -707,7 +876,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemv_bf16", &gemv_bf16, "y = x Wᵀ + b, W bfloat16, 1-8 rows of fp32 x");
   m.def("gemv_int8", &gemv_int8, "y = x Ŵᵀ + b, Ŵ = int8 · bf16 group scale, 1-8 rows; quantize_x: int8 x per block of 32");
   m.def("gemv_int4", &gemv_int4, "y = x Ŵᵀ + b, Ŵ = (nibble − 8) · bf16 group scale, 1-8 rows; quantize_x as gemv_int8");
-  m.def("quantize_activations", &quantize_activations, "x [rows, in] → (x_q int8, s_x float32 per block of 32)");
+  m.def("quantize_activations", &quantize_activations, "x [rows, in], isa → (x_q int8, s_x float32 per block of 32)");
   m.def("dequantize", &dequantize, "int8/int4 storage → float32/bfloat16 weight");
   m.def("best_isa", &best_isa, "0 portable, 1 AVX2+FMA, 2 AVX-512, 3 AVX-512 + VNNI: the fastest path this CPU runs");
 }
