@@ -13,8 +13,9 @@
 // * int8 x (int8 and int4 weights whose width and group are multiples of 32; the default): each row of x is quantized
 //   once per call per block of 32, s_x = bf16(amax / 127), x_q = round-half-even(x / s_x) ∈ [−127, 127]
 //   (`quantize_block`), and every block of 32 weights adds (D · s_x) · s_w, where D = Σ q · x_q is an exact integer:
-//   VPDPBUSD on AVX-512 VNNI, PMADDUBSW + PMADDWD elsewhere. The weights are never widened, so the kernels issue
-//   4-5× fewer vector instructions per weight than the fp32 form and one row of x streams at the memory rate.
+//   VPDPBUSD on AVX-512 VNNI, PMADDUBSW + PMADDWD elsewhere (int8 weights by the sign trick |w| × ±x_q; int4 nibbles
+//   n = q + 8 as they are, less 8 · Σ x_q per block). The weights are never widened: per weight vector at one row of
+//   x ≈ 3× (int8) and 5× (int4) fewer vector instructions than the fp32 form, so one row streams at the memory rate.
 // * fp32 x (bf16 weights; int8/int4 when the caller asks for it or the width or group is no multiple of 32): each
 //   weight vector is turned into fp32 in registers and multiplied by x in fp32.
 // Each kernel streams every weight row once for all rows of x and output rows are split across torch's threads. The
@@ -105,7 +106,7 @@ struct XLanes {
   int64_t row_q = 0;      // x_q bytes per row
   int64_t row_lanes = 0;  // lanes per row
   const int8_t* q = nullptr;      // natural order (int8 weights); per chunk [low-nibble order | high-nibble order] (int4)
-  const int32_t* corr = nullptr;  // −C · Σ x_q of each block in its first lane (C = 8 for int4, 128 for int8 on VNNI)
+  const int32_t* corr = nullptr;  // int4: −8 · Σ x_q of each block in its first lane (undoes the nibbles' + 8)
   const float* s = nullptr;       // s_x of each block in all its lanes
   alignas(64) int32_t idx[16] = {};  // lane → offset of its weight scale from the chunk's first scale
 };
@@ -178,7 +179,6 @@ struct Avx2 {
   using I = __m256i;
   using F = __m256;
   static constexpr int kLanes = 8;
-  static constexpr bool kVnni = false;
   KITELM_AVX2 static I load(const void* p) { return _mm256_loadu_si256(static_cast<const __m256i*>(p)); }
   KITELM_AVX2 static I load_partial(const void* p, int64_t n) {  // n < 32 bytes, zeros after them
     alignas(32) uint8_t b[32] = {};
@@ -258,7 +258,6 @@ struct Avx512 {
   using I = __m512i;
   using F = __m512;
   static constexpr int kLanes = 16;
-  static constexpr bool kVnni = false;
   KITELM_AVX512 static I load(const void* p) { return _mm512_loadu_si512(p); }
   KITELM_AVX512 static I load_partial(const void* p, int64_t n) {  // n < 64 bytes, zeros after them
     return _mm512_maskz_loadu_epi8((__mmask64{1} << n) - 1, p);
@@ -318,16 +317,18 @@ struct Avx512 {
   }
 };
 
-// VPDPBUSD multiplies u8 × s8 and adds 4 products per lane into int32 without saturation. Nibbles n = q + 8 are u8
-// already; int8 weights become w + 128 = w ⊕ 0x80. Both offsets are undone by the −C·Σx_q the accumulator starts from.
+// VPDPBUSD multiplies u8 × s8 and adds 4 products per lane into int32 without saturation: one instruction for
+// PMADDUBSW + PMADDWD + PADDD. int8 weights keep the sign trick (|w| × ±x: no offset to undo, so no per-row offset
+// vector to load, which is what 4-8 rows of x wait for; w ⊕ 0x80 = w + 128 with a −128·Σx_q offset measured 1.4×
+// slower at 8 rows and no faster at 1).
 struct Avx512Vnni : Avx512 {
-  static constexpr bool kVnni = true;
   KITELM_AVX512VNNI static I dot2(I acc, I u1, I s1, I u2, I s2) {
     return _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(acc, u1, s1), u2, s2);
   }
-  struct W8 { I biased; };
-  KITELM_AVX512VNNI static W8 prep8(I w) { return {_mm512_xor_si512(w, _mm512_set1_epi8(static_cast<char>(0x80)))}; }
-  KITELM_AVX512VNNI static I dot8(const W8& w, I acc, I x) { return _mm512_dpbusd_epi32(acc, w.biased, x); }
+  KITELM_AVX512VNNI static I dot8(const W8& w, I, I x) {
+    const I signed_x = _mm512_mask_sub_epi8(x, w.negative, _mm512_setzero_si512(), x);
+    return _mm512_dpbusd_epi32(_mm512_setzero_si512(), w.abs, signed_x);
+  }
 };
 
 // quantize_block in vectors: the same operations (IEEE division, round half to even, the same scalar s_x), so the
@@ -394,12 +395,12 @@ KITELM_INLINE void int_chunk(const typename V::I (&wv)[O], int64_t c, const floa
     const I x0 = V::load(x);
     I x1{}, corr{};
     if constexpr (F == Fmt::int4) x1 = V::load(x + 4 * L);
-    if constexpr (F == Fmt::int4 || V::kVnni) corr = V::load(xl.corr + r * xl.row_lanes + c * L);
+    if constexpr (F == Fmt::int4) corr = V::load(xl.corr + r * xl.row_lanes + c * L);
     const typename V::F s = V::loadf(xl.s + r * xl.row_lanes + c * L);
 #pragma GCC unroll 2
     for (int o = 0; o < O; ++o) {
       I a;
-      if constexpr (F == Fmt::int8) a = V::dot8(w8[o], corr, x0);  // corr: unused by the sign trick
+      if constexpr (F == Fmt::int8) a = V::dot8(w8[o], corr, x0);  // corr: zero, the sign trick needs none
       else a = V::dot2(corr, lo[o], x0, hi[o], x1);
       acc[o][r] = V::fma(V::mul(V::cvt(a), s), sw[o], acc[o][r]);
     }
@@ -637,7 +638,7 @@ KITELM_INLINE void quantize_rows(const float* x, int64_t rows, int64_t in, Quant
   }
 }
 
-KITELM_INLINE void prepare_lanes(Fmt fmt, int64_t rows, int64_t in, int shift, int lanes, bool vnni, QuantizedX& qx) {
+KITELM_INLINE void prepare_lanes(Fmt fmt, int64_t rows, int64_t in, int shift, int lanes, QuantizedX& qx) {
   const int64_t chunk_weights = fmt == Fmt::int4 ? 8 * lanes : 4 * lanes;
   const int blocks_per_chunk = static_cast<int>(chunk_weights / kBlock), lanes_per_block = lanes / blocks_per_chunk;
   const int64_t nb = in / kBlock, chunks = (in + chunk_weights - 1) / chunk_weights;
@@ -646,13 +647,12 @@ KITELM_INLINE void prepare_lanes(Fmt fmt, int64_t rows, int64_t in, int shift, i
   xl.row_lanes = chunks * lanes;
   qx.lane_q.assign(rows * xl.row_q, 0);
   qx.lane_s.assign(rows * xl.row_lanes, 0.f);
-  qx.lane_corr.assign(rows * xl.row_lanes, 0);
-  const int32_t offset = fmt == Fmt::int4 ? 8 : (vnni ? 128 : 0);  // the u8 operand's bias (none: int8 sign trick)
+  qx.lane_corr.assign(fmt == Fmt::int4 ? rows * xl.row_lanes : 0, 0);
   for (int64_t r = 0; r < rows; ++r) {
     for (int64_t b = 0; b < nb; ++b) {
       const int64_t c = b / blocks_per_chunk, j = b % blocks_per_chunk, first = r * xl.row_lanes + c * lanes + j * lanes_per_block;
       for (int l = 0; l < lanes_per_block; ++l) qx.lane_s[first + l] = qx.s[r * nb + b];
-      qx.lane_corr[first] = -offset * qx.sum[r * nb + b];
+      if (fmt == Fmt::int4) qx.lane_corr[first] = -8 * qx.sum[r * nb + b];
       const int8_t* src = qx.q.data() + r * in + b * kBlock;
       int8_t* dst = qx.lane_q.data() + r * xl.row_q + c * chunk_weights;
       if (fmt == Fmt::int8) {
@@ -672,12 +672,11 @@ KITELM_INLINE void prepare_lanes(Fmt fmt, int64_t rows, int64_t in, int shift, i
 #if KITELM_X86
 KITELM_AVX2 KITELM_FLATTEN void prepare_avx2(Fmt fmt, const float* x, int64_t rows, int64_t in, int shift, QuantizedX& qx) {
   quantize_rows<Avx2>(x, rows, in, qx);
-  if (shift >= 0) prepare_lanes(fmt, rows, in, shift, Avx2::kLanes, false, qx);
+  if (shift >= 0) prepare_lanes(fmt, rows, in, shift, Avx2::kLanes, qx);
 }
-KITELM_AVX512 KITELM_FLATTEN void prepare_avx512(Fmt fmt, const float* x, int64_t rows, int64_t in, int shift, bool vnni,
-                                                 QuantizedX& qx) {
+KITELM_AVX512 KITELM_FLATTEN void prepare_avx512(Fmt fmt, const float* x, int64_t rows, int64_t in, int shift, QuantizedX& qx) {
   quantize_rows<Avx512>(x, rows, in, qx);
-  if (shift >= 0) prepare_lanes(fmt, rows, in, shift, Avx512::kLanes, vnni, qx);
+  if (shift >= 0) prepare_lanes(fmt, rows, in, shift, Avx512::kLanes, qx);
 }
 #endif
 
@@ -685,7 +684,7 @@ KITELM_AVX512 KITELM_FLATTEN void prepare_avx512(Fmt fmt, const float* x, int64_
 void prepare_x(int isa, Fmt fmt, const float* x, int64_t rows, int64_t in, int shift, QuantizedX& qx) {
 #if KITELM_X86
   if (isa == kAvx2) return prepare_avx2(fmt, x, rows, in, shift, qx);
-  if (isa >= kAvx512) return prepare_avx512(fmt, x, rows, in, shift, isa == kAvx512Vnni, qx);
+  if (isa >= kAvx512) return prepare_avx512(fmt, x, rows, in, shift, qx);
 #endif
   quantize_rows<void>(x, rows, in, qx);
 }
