@@ -14,6 +14,7 @@ from kitelm.presets import get_preset
 from kitelm.errors import ConfigError
 from kitelm.generate import Sampling, generate_tokens
 from kitelm.layers import local_attention
+from kitelm.layers.local_attention import LocalAttention, RingKVCache
 from kitelm.models import build_model
 from kitelm.models.griffin import Griffin
 from numerics import assert_fp32_close, model_reductions
@@ -101,6 +102,37 @@ def test_local_attention_scores_grow_with_window_not_length(monkeypatch):
         model(torch.randint(0, 257, (1, 700)))
     block = model.blocks[2].temporal_block.block
     assert max(seen) <= 8 + block < 700 and len(seen) == -(-700 // block)
+
+
+@pytest.mark.parametrize("heads, kv_heads", [(4, 1), (4, 2), (3, 3)])
+def test_decoding_attention_matches_the_concatenating_sdpa_step(heads, kv_heads):
+    """`softmax_attend_one` (ring and own key scored apart, no K/V repeat) against `attend_one` + SDPA, the path it
+    replaces for fp32/fp64, over three steps: rows with empty slots, another document in the ring and a document
+    start at the query. float64 pins the maths; float32 stays within the rounding bound of its sums."""
+    window, hd, batch = 6, 8, 3
+    gen = torch.Generator().manual_seed(0)
+    attention = LocalAttention(heads * hd, heads, kv_heads, hd, window)
+    k0, v0 = (torch.randn(batch, kv_heads, window, hd, generator=gen, dtype=torch.float64) for _ in range(2))
+    rings = {}
+    for name, dtype in (("fast", torch.float64), ("sdpa", torch.float64), ("fast32", torch.float32)):
+        ring = rings[name] = RingKVCache(batch, kv_heads, window, hd, dtype)
+        ring.k.copy_(k0)
+        ring.v.copy_(v0)
+        ring.segment.copy_(torch.tensor([[4] * window, [-1, -1, 4, 4, 4, 4], [3, 3, 4, 4, 4, 3]]))
+        ring.last_segment.fill_(4)
+        ring.count = 9
+    for step, starts in enumerate(([False, False, False], [False, True, False], [True, True, True])):
+        q = 3 * torch.randn(batch, heads, 1, hd, generator=gen, dtype=torch.float64)  # peaked softmaxes too
+        k, v = (torch.randn(batch, kv_heads, 1, hd, generator=gen, dtype=torch.float64) for _ in range(2))
+        segment_pos = torch.tensor([[0 if start else 5 + step] for start in starts])
+        ref = local_attention.attend_one(q, k, v, segment_pos, rings["sdpa"], attention._attend)
+        fast = local_attention.softmax_attend_one(q, k, v, segment_pos, rings["fast"])
+        torch.testing.assert_close(fast, ref, rtol=0, atol=1e-12)  # float64: the two summation orders agree
+        fast32 = local_attention.softmax_attend_one(q.float(), k.float(), v.float(), segment_pos, rings["fast32"])
+        assert_fp32_close(fast32, ref, terms=window + 1 + hd, depth=2, name=f"float32 step {step}")
+        for name in ("k", "v", "segment", "last_segment"):
+            assert torch.equal(getattr(rings["fast"], name), getattr(rings["sdpa"], name)), name
+    assert rings["fast"].count == rings["sdpa"].count == 12
 
 
 def test_gradients_reach_every_parameter():

@@ -127,6 +127,33 @@ def attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment_pos: t
     return y
 
 
+def softmax_attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment_pos: torch.Tensor,
+                       cache: RingKVCache) -> torch.Tensor:
+    """`attend_one` for softmax attention, q [B, H, 1, hd], k, v [B, H_kv, 1, hd] → [B, H, 1, hd] (cache updated):
+
+        s_j = q·K_j / √hd over the ring's W slots (−∞ where another document or empty),  s_own = q·k / √hd
+        y   = Σ_j p_j V_j + p_own v,   p = softmax([s, s_own])
+
+    The ring's scores and the own key's are computed apart and normalised together, so the ring is never
+    concatenated with the new token (2·W·hd values copied per step) and each K/V head serves its G = H / H_kv query
+    heads as one [G, hd] × [hd, W] product instead of being repeated per head (SDPA's `enable_gqa` on CPU): at
+    RecurrentGemma-2B's sizes (W = 2,048, hd = 256, 10 heads, 1 K/V head) 0.44 ms instead of 1.3-1.6 ms a layer
+    (benchmarks/NOTES.md, "Decode step"). The products round the scores to the input dtype, so `LocalAttention`
+    takes this path for float32/float64 only."""
+    b, h, _, d = q.shape
+    kv_heads = k.shape[1]
+    segment = cache.last_segment + (segment_pos[:, 0] == 0)  # [B] document id of the new token
+    qg = q.reshape(b, kv_heads, h // kv_heads, d) * d ** -0.5  # [B, H_kv, G, hd]: the heads sharing a K/V head
+    ring_k, ring_v = cache.k.to(q.dtype), cache.v.to(q.dtype)
+    other = (cache.segment != segment[:, None])[:, None, None]  # [B, 1, 1, W]
+    scores = torch.cat([torch.matmul(qg, ring_k.transpose(-1, -2)).masked_fill(other, float("-inf")),
+                        (qg * k).sum(-1, keepdim=True)], -1)  # [B, H_kv, G, W + 1]
+    p = torch.softmax(scores, -1)
+    y = torch.matmul(p[..., :-1], ring_v) + p[..., -1:] * v  # [B, H_kv, G, hd]
+    cache.write(k, v, segment[:, None])
+    return y.reshape(b, h, 1, d)
+
+
 class LocalAttention(nn.Module):
     """x [B, T, D], segment_pos [B, T] (0 = document start, −1 = pad), cache → [B, T, D]."""
 
@@ -161,7 +188,10 @@ class LocalAttention(nn.Module):
         k = self.proj_k(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
         q, k = self.rope.pair(q, k, segment_pos)
         v = self.proj_v(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
-        y = local_attend(q, k, v, segment_pos, cache, self.window, self.block, self._attend)
+        if cache is not None and t == 1 and q.dtype in (torch.float32, torch.float64):
+            y = softmax_attend_one(q, k, v, segment_pos, cache)
+        else:
+            y = local_attend(q, k, v, segment_pos, cache, self.window, self.block, self._attend)
         return self.proj_final(y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
