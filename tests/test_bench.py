@@ -50,3 +50,15 @@ def test_decode_bench_builds_the_transformers_peer_in_the_dtype_asked(monkeypatc
     row = measure_peer("griffin-tiny", "fp32", steps=3)
     assert row["weights"] == "transformers RecurrentGemma fp32"
     assert {"ms_per_token", "ms_per_token_median", "floor_ms", "of_floor", "stored_GB", "peak_rss_GB"} <= set(row)
+
+
+@pytest.mark.parametrize("flags, peers", [([], True), (["--no-peers"], False)])
+def test_bench_no_peers_measures_kitelm_only(flags, peers, tmp_path, monkeypatch):
+    """`--no-peers` reaches the settings every experiment reads (a 9B run must not build transformers' copy)."""
+    from kitelm import cli
+    from kitelm.experiments import bench
+
+    seen = {}
+    monkeypatch.setattr(bench, "run_bench", lambda names, out, settings: seen.update(names=names, peers=settings.peers))
+    assert cli.main(["bench", "decode", "--out", str(tmp_path / "r"), *flags]) == 0
+    assert seen == {"names": ["decode"], "peers": peers}

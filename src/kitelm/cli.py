@@ -345,7 +345,8 @@ def cmd_bench(args) -> int:
 
     writable_folder(args.out)
     _reexec_with_allocator_env(args)
-    settings = replace(BenchSettings.quick() if args.quick else BenchSettings(), dtype=args.dtype)
+    settings = replace(BenchSettings.quick() if args.quick else BenchSettings(), dtype=args.dtype,
+                       peers=not args.no_peers)
     if args.model:  # the decode experiment's models and weight formats
         settings = dataclasses.replace(settings, decode_models=args.model)
     if args.weights:
@@ -462,6 +463,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", nargs="+", choices=("fp32", "bf16", "int8", "int4"),
                    help="decode: weight formats (default all four)")
     p.add_argument("--group-size", type=int, default=-1, help="decode: int8/int4 group size (default per format)")
+    p.add_argument("--no-peers", action="store_true", help="measure kitelm only, not the installed peers "
+                   "(transformers, mamba-ssm, ...)")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("reproduce", help="measure the papers' claims on this machine: REPORT.md with a verdict "
