@@ -12,6 +12,7 @@ builds each format from the same seed as `kitelm bench decode` does, one process
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -79,16 +80,23 @@ def random_model_kl(preset: str, positions: int = 256, formats=FORMATS, log=prin
                 raise RuntimeError(done.stderr.strip().splitlines()[-1])
             return torch.load(out, weights_only=True)
 
-        ref = logits("fp32", -1, True).log_softmax(-1)
+        ref_logits = logits("fp32", -1, True).double()
+        ref = ref_logits.log_softmax(-1)
         p = ref.exp()
+        entropy = float(-(p * ref).sum(-1).mean())
+        log(f"fp32: mean entropy {entropy:.4f} nats (uniform over the vocabulary: {math.log(ref.shape[-1]):.4f})")
         for weights, group, embedding in formats:
-            lq = logits(weights, group, embedding).log_softmax(-1)
+            q_logits = logits(weights, group, embedding).double()
+            lq = q_logits.log_softmax(-1)
             kl = (p * (ref - lq)).sum(-1)
             top1 = (ref.argmax(-1) == lq.argmax(-1)).float().mean().item()
+            rel = float((q_logits - ref_logits).square().mean().sqrt() / ref_logits.std(-1).square().mean().sqrt())
             rows.append({"format": _label(weights, group if group != -1 else {"bf16": 0, "int8": 32, "int4": 64}[
                 weights], embedding), "mean_kl": float(kl.mean()), "max_kl": float(kl.max()),
-                "top1_agreement": round(top1, 4), "positions": positions})
-            log(f"{rows[-1]['format']}: mean KL {rows[-1]['mean_kl']:.3e}, top-1 agreement {top1:.3f}")
+                "top1_agreement": round(top1, 4), "logit_rel_rms_error": rel, "fp32_mean_entropy": entropy,
+                "positions": positions})
+            log(f"{rows[-1]['format']}: mean KL {rows[-1]['mean_kl']:.3e}, top-1 agreement {top1:.3f}, "
+                f"logit error {rel:.2e} of the logits' spread")
     return rows
 
 
