@@ -127,6 +127,26 @@ def _task_result(final: float, curve: list[float]) -> dict:
     return {"loss": final, "accuracy": 0.0, "curve": [[10 * (i + 1), loss] for i, loss in enumerate(curve)]}
 
 
+def test_report_names_the_commit_of_an_experiment_rerun_later(tmp_path, monkeypatch):
+    run = _finished_run(tmp_path / "run", monkeypatch)
+    assert "commit abc1234;" in (run / "REPORT.md").read_text()
+    record = json.loads((run / "tasks" / "result.json").read_text())
+    rerun = record | {"commit": "def5678", "machine": record["machine"] | {"threads": 1}}
+    (run / "tasks" / "result.json").write_text(json.dumps(rerun))
+    assert "commit abc1234 (rerun: tasks def5678, 1 threads);" in write_report(run).read_text()
+
+
+def test_default_task_models_see_the_whole_sample_with_a_kv_head_per_query_head():
+    from kitelm.data.tasks import get_task
+
+    scale = ReproduceScale()
+    configs = dict(scale.task_configs())
+    assert set(configs) == {"Griffin", "Hawk", "Transformer"}
+    assert configs["Transformer"].arch == "transformer"
+    assert configs["Transformer"].kv_heads == configs["Transformer"].n_heads  # MHA: see settings.task_models
+    assert all(configs["Griffin"].attention_window >= get_task(t).seq_len for t in scale.tasks)
+
+
 def test_tasks_verdict_is_inconclusive_when_no_model_learned_and_judges_speed_by_the_whole_curve():
     chance = 2.7726  # ln 16
     at_chance = {m: _task_result(chance - 0.05, [chance, chance - 0.05]) for m in ("Griffin", "Hawk", "Transformer")}

@@ -39,8 +39,13 @@ def _summary(records: list[dict]) -> list[str]:
     flags = f" (flags {', '.join(first['cpu_flags'])})" if "cpu_flags" in first else ""  # older runs lack them
     peaks = f"; {peaks_line(first)}" if peaks_line(first) else ""
     dtype = f"; compute dtype {first['dtype']}" if "dtype" in first else ""
+    # experiments rerun later (a finished one is skipped, so one can be moved aside and run again) name their commit
+    later = [f"{r['experiment']} {r['commit']}" + (f", {r['machine']['threads']} threads"
+                                                    if r["machine"]["threads"] != first["threads"] else "")
+             for r in records if r["commit"] != records[0]["commit"]]
+    commit = f"commit {records[0]['commit']}" + (f" (rerun: {', '.join(later)})" if later else "")
     lines = [f"Machine: {first['cpu']}{flags}, {first['threads']} threads, torch {first['torch']}{dtype}{peaks}; "
-             f"commit {first['commit']}; {allocator}. Small models on CPU: the papers trained billions of tokens on accelerators, so a verdict "
+             f"{commit}; {allocator}. Small models on CPU: the papers trained billions of tokens on accelerators, so a verdict "
              "says whether the *direction* of each claim shows at this scale.", "",
              "| claim | paper | ours | verdict |", "|---|---|---|---|"]
     for rec in records:
