@@ -70,19 +70,19 @@ def test_conv1d_step_and_its_twin_match_the_full_forward_and_update_the_state(ke
         assert_fp32_close(got, want, terms=4)  # 4 taps and a bias per output
 
 
-@pytest.mark.parametrize("heads", [1, 4])
-def test_rglru_step_and_its_twin_match_the_scan(kernels, heads):
-    lru = RGLRU(64, heads)
+@pytest.mark.parametrize("width, heads", [(64, 1), (64, 4), (2048, 16)])  # 16 blocks of 128: split over threads
+def test_rglru_step_and_its_twin_match_the_scan(kernels, width, heads):
+    lru = RGLRU(width, heads)
     for gate in (lru.input_gate, lru.a_gate):
         torch.nn.init.normal_(gate.b)
-    x, h0 = torch.randn(3, 1, 64), torch.randn(3, 64)
+    x, h0 = torch.randn(3, 1, width), torch.randn(3, width)
     segment_pos = _resets(3)
     with torch.no_grad():
         expected, expected_h = lru(x, segment_pos, h0)  # the scan path
         y_ref, h_ref = lru.step_ref(x, segment_pos, h0)
         h = kernels.rglru_step(x, lru.input_gate.w, lru.input_gate.b, lru.a_gate.w, lru.a_gate.b, lru.a_param, h0,
                                segment_pos == 0, 8.0)
-    block = 64 // heads  # the gates' block-diagonal reductions, then sigmoid/exp/sqrt and one step: depth 3
+    block = width // heads  # the gates' block-diagonal reductions, then sigmoid/exp/sqrt and one step: depth 3
     for got, want in ((h_ref, expected_h), (y_ref, expected), (h, expected_h), (h[:, None], expected)):
         assert_fp32_close(got, want, terms=block, depth=3)
 
