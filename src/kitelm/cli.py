@@ -351,6 +351,8 @@ def cmd_bench(args) -> int:
         settings = dataclasses.replace(settings, decode_models=args.model)
     if args.weights:
         settings = dataclasses.replace(settings, decode_weights=args.weights, decode_group_size=args.group_size)
+    if args.batches is not None:
+        settings = dataclasses.replace(settings, decode_batches=args.batches)
     run_bench(args.experiments or list(EXPERIMENTS), args.out, settings)
     print(f"results: {args.out}/results.md, results.json and PNG plots")
     return 0
@@ -463,6 +465,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", nargs="+", choices=("fp32", "bf16", "int8", "int4"),
                    help="decode: weight formats (default all four)")
     p.add_argument("--group-size", type=int, default=-1, help="decode: int8/int4 group size (default per format)")
+    p.add_argument("--batches", type=_positive(int), nargs="*", help="decode: batch sizes of the batched-decode "
+                   "rows (default 1 4 8 16; the flag alone: none, e.g. to measure prefill and batch-1 decode only)")
     p.add_argument("--no-peers", action="store_true", help="measure kitelm only, not the installed peers "
                    "(transformers, mamba-ssm, ...)")
     p.set_defaults(func=cmd_bench)

@@ -74,9 +74,10 @@ def cache_bytes(model, batch: int, capacity: int) -> int:
 @torch.inference_mode()  # cheaper than no_grad per op; the cache never meets autograd
 def prefill(model, tokens: torch.Tensor, positions: torch.Tensor, cache, chunk: int = PREFILL_CHUNK) -> torch.Tensor:
     """Run tokens [B, T] with positions [B, T] through `model` into `cache`, `chunk` tokens per pass; returns the
-    last position's logits [B, V] (equal to one pass over all T up to float rounding)."""
+    last position's logits [B, V] (equal to one pass over all T up to float rounding). Only that position's logits
+    are computed (`logits_to_keep=1`: the output head runs on one row per pass, not on every prompt token)."""
     for start in range(0, tokens.shape[1], chunk):
-        logits = model(tokens[:, start:start + chunk], positions[:, start:start + chunk], cache)
+        logits = model(tokens[:, start:start + chunk], positions[:, start:start + chunk], cache, logits_to_keep=1)
     return logits[:, -1]
 
 

@@ -336,7 +336,8 @@ class Engine:
         prompt, params = p.req.prompt_ids, p.req.params
         chunk = prompt[p.absorbed:p.absorbed + budget]
         ids = torch.tensor([chunk], dtype=torch.long, device=self.device)
-        logits = self.model(ids, cache=p.cache)[0]  # [t, V]
+        # [t, V] when the prompt is scored, else only the chunk's last position [1, V] (the head skips the rest)
+        logits = self.model(ids, cache=p.cache, logits_to_keep=0 if p.prompt_logprobs is not None else 1)[0]
         if p.prompt_logprobs is not None:
             lp = torch.log_softmax(logits.float(), -1)
             for j in range(len(chunk)):

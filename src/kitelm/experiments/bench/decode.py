@@ -4,8 +4,8 @@ block by block (a block in fp32 at a time, then quantized: a 9B model never exis
 
 * batch-1 decode ms/token after a 64-token prompt, beside the byte floor: stored weight bytes ÷ the read bandwidth
   measured in the same process (`torch.sum` over 1 GiB, far beyond the 480 MiB L3 of the Sapphire-Rapids VM);
-* prefill tokens/s per prompt length, beside the GEMM bound (forward FLOPs/token ÷ the measured peak of the dtype
-  the tiled path uses: bf16 where native, else fp32);
+* prefill tokens/s per prompt length with last-token-only logits, beside the GEMM bound (the FLOPs that pass must
+  do, `prefill_flops`, ÷ the measured peak of the dtype the tiled path uses: bf16 where native, else fp32);
 * batched decode tokens/s at each batch size; peak RSS;
 * with `settings.peers`, transformers' model at the same configuration (random weights; fp32, and bf16 where the
   CPU has native bf16): its batch-1 `generate` ms/token after the same prompt, beside its own byte floor.
@@ -30,9 +30,12 @@ from ..machine import ALLOCATOR_ENV, peak_rss_bytes
 NOTE = ("Random-weight model per format in its own process (fp32 = the unquantized model; bf16/int8/int4 = "
         "`kitelm quantize` storage: Linear layers and the tied embedding, RG-LRU and norms fp32). ms/token: batch-1 "
         "greedy decode after a 64-token prompt, fastest of the timed steps (median beside it). Floor: stored weight "
-        "bytes ÷ read bandwidth measured in the same process. Prefill: tokens/s of one pass into the cache vs the "
-        "GEMM bound (2·N FLOPs/token ÷ measured peak of the compute dtype). Batched: decode tokens/s at B rows. "
-        "transformers rows: its model at the same configuration, random weights, batch-1 `generate` after the same "
+        "bytes ÷ read bandwidth measured in the same process. Prefill: tokens/s of one pass into the cache with "
+        "last-token-only logits (as `generate` prefills); of_bound = the FLOPs that pass must do ÷ the measured "
+        "2048³ GEMM peak of the compute dtype ÷ its time, where the FLOPs are 2 per weight per prompt token for all "
+        "but the output matrix (incl. the RG-LRU gates, which run in fp32), 2·vocab·width once for the last "
+        "token's logits, and the local attention's scores and sums (prefill512_GFLOP_per_token). Batched: decode "
+        "tokens/s at B rows. transformers rows: its model at the same configuration, random weights, batch-1 `generate` after the same "
         "prompt (fastest gap between two tokens).")
 WEIGHTS = ("fp32", "bf16", "int8", "int4")
 
@@ -119,7 +122,6 @@ def measure(preset: str, weights: str, group_size: int, embedding: bool, prompt_
                    ms_per_token_median=round(1e3 * median, 1), floor_ms=round(1e3 * floor, 1),
                    of_floor=round(floor / best, 2), tok_per_s=round(1 / best, 2))
         config = model.config
-        flops_per_token = 2 * _param_count(config)  # forward: every weight once per token (the tied head included)
         dtype = torch.bfloat16 if weights != "fp32" and native_bf16() else torch.float32
         from ..machine import gemm_peak_flops
 
@@ -130,11 +132,11 @@ def measure(preset: str, weights: str, group_size: int, embedding: bool, prompt_
             cache = model.new_cache(1, max_len=length + 1)
             ids = torch.randint(0, config.vocab_size, (1, length))
             t0 = time.perf_counter()
-            model(ids, cache=cache)
+            model(ids, cache=cache, logits_to_keep=1)  # as `generate.prefill`: the head runs on the last token only
             dt = time.perf_counter() - t0
-            bound = peak / flops_per_token
             row[f"prefill{length}_tok_s"] = round(length / dt, 1)
-            row[f"prefill{length}_of_bound"] = round(length / dt / bound, 2)
+            row[f"prefill{length}_of_bound"] = round(prefill_flops(config, length) / peak / dt, 2)
+        row["prefill512_GFLOP_per_token"] = round(prefill_flops(config, 512) / 512 / 1e9, 2)
         for b in batches:
             t = _decode_times(model, b, 8, max(3, steps // 2))
             row[f"batch{b}_tok_s"] = round(b / min(t), 1)
@@ -178,6 +180,24 @@ def measure_peer(preset: str, dtype: str, steps: int) -> dict:
             "ms_per_token_median": round(1e3 * median, 1), "floor_ms": round(1e3 * floor, 1),
             "of_floor": round(floor / best, 2), "tok_per_s": round(1 / best, 2),
             "peak_rss_GB": round(peak_rss_bytes() / 1e9, 2)}
+
+
+def prefill_flops(config, length: int) -> float:
+    """The FLOPs a prefill of `length` tokens must do with last-token-only logits: 2 per weight per token for every
+    weight but the output matrix (the blocks' matrices incl. the fp32 RG-LRU gates; biases and norm gains too), the
+    output head once (2·vocab·width), and attention's scores and weighted sums (2 matmuls · 2 FLOPs · heads · head_dim
+    per key) over the min(t + 1, window) keys of each query in each local-attention layer (every layer attends to
+    all t + 1 earlier tokens in the other architectures). The embedding lookup is no FLOP."""
+    head = config.vocab_size * config.width
+    body = _param_count(config) - head * (1 if config.tie_embeddings else 2)
+    if config.arch == "griffin":
+        from ...models.griffin import Griffin
+
+        layers = sum(kind == "attention" for kind in Griffin.block_kinds(config))
+        keys = sum(min(t + 1, config.attention_window) for t in range(length))
+    else:
+        layers, keys = config.n_layers, length * (length + 1) // 2
+    return 2 * body * length + 2 * head + 4 * config.n_heads * config.dim_per_head * keys * layers
 
 
 def _param_count(config) -> int:
