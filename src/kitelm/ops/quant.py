@@ -14,7 +14,8 @@ error is the rounding of W/s: |W − ŵ| ≤ s/2 per weight (plus s·2⁻⁸·qm
 
 `quantized_linear` picks the path: for 1-8 rows of x, the C++ GEMV (AVX-512 VNNI, AVX-512, AVX2 or portable C++,
 chosen at run time; `KITELM_QUANT_ISA=portable|avx2|avx512|avx512vnni` forces one); above 8 rows, tiles of Ŵ
-dequantized into the compute dtype (bf16 where the CPU has native bf16, else fp32) and that dtype's GEMM.
+dequantized into the compute dtype (bf16 where the CPU has native bf16, else fp32; csrc/dequant_kernels.cpp) and
+that dtype's GEMM (bf16 weights on a bf16 machine: one GEMM on the stored matrix).
 
 Activations on the GEMV path: bf16 weights multiply x in fp32. int8 and int4 weights multiply an int8 copy of x
 (`quantize_activations`: per block of 32 values of a row, s_x = bf16(amax/127), x_q = round-half-even(x/s_x)), so
@@ -47,9 +48,12 @@ ISAS = {"portable": 0, "avx2": 1, "avx512": 2, "avx512vnni": 3}  # 3: int8-x dot
 ISA_ALIASES = {"avx512bf16": "avx512vnni"}  # the former bf16-dot int4 path's name: every AVX512-BF16 CPU has VNNI
 X_BLOCK = 32  # activations are quantized per block of 32 values of a row
 X_FORMATS = ("int8", "fp32")
-TILE_ELEMENTS = 1 << 22  # weights dequantized per tile on the GEMM path (8 MiB in bf16)
+TILE_ELEMENTS = 1 << 24  # at most this many weights dequantized per tile on the GEMM path (32 MiB in bf16)
 EXTENSION = CppExtension("quant_kernels", fallback="quantized layers use dequantize + F.linear",
                          cflags=("-O3", "-fopenmp"))  # baseline x86-64: the AVX2/AVX-512 paths carry target attributes
+DEQUANT_EXTENSION = CppExtension("dequant_kernels", fallback="the GEMM path dequantizes tiles in pure torch",
+                                 cflags=("-O3", "-fopenmp"))  # the tiles of the GEMM path (csrc/dequant_kernels.cpp)
+DEQUANT_ISAS = {"portable": 0, "avx2": 1, "avx512": 2}
 
 
 def check_format(fmt: str, in_features: int, group_size: int | None) -> int:
@@ -202,28 +206,52 @@ def quantized_linear(x: Tensor, storage: Tensor, scales: Tensor | None, bias: Te
 
 def _tiled_linear(x: Tensor, storage: Tensor, scales: Tensor | None, bias: Tensor | None, fmt: str, group: int,
                   kernels: ModuleType | None) -> Tensor:
-    """Above 8 rows (or without the extension): tiles of output rows dequantized into the compute dtype, then GEMM."""
+    """Above 8 rows (or without the extension): x Ŵᵀ + b by the compute dtype's GEMM (bf16 where native, else fp32).
+    bf16 storage already is a bf16 matrix: one F.linear on it, nothing copied. int8/int4 (and bf16 on an fp32
+    machine): Ŵ dequantized at most TILE_ELEMENTS weights at a time (tiles of equal row counts) into one buffer that
+    every tile of the call reuses (never the whole matrix), each tile's product x·tileᵀ cast into its columns of y."""
     compute = gemm_dtype(x)
     out, inp = storage.shape[0], x.shape[-1]
-    xt = x.reshape(-1, inp).to(compute).T  # [in, rows]
-    yt = torch.empty(out, xt.shape[1], dtype=compute, device=x.device)  # yᵀ: each tile's rows are one contiguous slice
-    step = max(1, TILE_ELEMENTS // max(inp, 1))
-    for r0 in range(0, out, step):
-        r1 = min(out, r0 + step)
-        tile = _dequantize_tile(storage[r0:r1], None if scales is None else scales[r0:r1], fmt, group, inp, compute,
-                                kernels)
-        torch.mm(tile, xt, out=yt[r0:r1])
-    y = yt.T.to(x.dtype).reshape(*x.shape[:-1], out)
-    return y if bias is None else y + bias.to(x.dtype)
+    x2 = x.reshape(-1, inp).to(compute)
+    if fmt == "bf16" and compute == torch.bfloat16:
+        y = F.linear(x2, storage).to(x.dtype)
+    else:
+        tiles = -(-out * inp // max(TILE_ELEMENTS, 1))
+        step = -(-out // tiles)
+        y = torch.empty(x2.shape[0], out, dtype=x.dtype, device=x.device)
+        buffer = torch.empty(min(step, out), inp, dtype=compute, device=x.device) if fmt != "bf16" else None
+        dq = _dequant_kernels() if storage.device.type == "cpu" and kernels is not None else None
+        for r0 in range(0, out, step):
+            r1 = min(out, r0 + step)
+            if fmt == "bf16":
+                tile = storage[r0:r1].to(compute)
+            else:
+                tile = buffer[:r1 - r0]
+                _dequantize_into(storage[r0:r1], scales[r0:r1], fmt, group, tile, dq)
+            y[:, r0:r1] = F.linear(x2, tile)  # the cast to x's dtype happens in this copy
+    if bias is not None:
+        y.add_(bias.to(x.dtype))  # y is a fresh tensor of this call
+    return y.reshape(*x.shape[:-1], out)
+
+
+def _dequantize_into(storage: Tensor, scales: Tensor, fmt: str, group: int, tile: Tensor,
+                     dq: ModuleType | None) -> None:
+    """Rows of Ŵ (int8/int4 storage) into `tile` [rows, in] (float32 or bf16): the C++ kernel where it is built
+    (bit for bit the twin), else `dequantize_reference`."""
+    if dq is not None:
+        dq.dequantize_into(storage, scales, group, fmt == "int4", tile, dequant_isa())
+    else:
+        tile.copy_(dequantize_reference(storage, scales, fmt, group))
 
 
 def _dequantize_tile(storage: Tensor, scales: Tensor | None, fmt: str, group: int, inp: int, dtype: torch.dtype,
                      kernels: ModuleType | None) -> Tensor:
     if fmt == "bf16":
         return storage if dtype == torch.bfloat16 else storage.to(dtype)
-    if kernels is not None and storage.device.type == "cpu":
-        return kernels.dequantize(storage, scales, inp, group, fmt == "int4", dtype)
-    return dequantize_reference(storage, scales, fmt, group).to(dtype)
+    w = torch.empty(storage.shape[0], inp, dtype=dtype, device=storage.device)
+    dq = _dequant_kernels() if storage.device.type == "cpu" and kernels is not None else None
+    _dequantize_into(storage, scales, fmt, group, w, dq)
+    return w
 
 
 def gemm_dtype(x: Tensor) -> torch.dtype:
@@ -272,6 +300,24 @@ def available_isas() -> list[str]:
 @functools.cache
 def _kernels() -> ModuleType | None:
     return EXTENSION.module()
+
+
+@functools.cache
+def _dequant_kernels() -> ModuleType | None:
+    return DEQUANT_EXTENSION.module()
+
+
+def dequant_isa() -> int:
+    """The tile dequantizer's path: KITELM_QUANT_ISA mapped onto it (avx512vnni → avx512), else the fastest."""
+    return _dequant_isa(os.environ.get("KITELM_QUANT_ISA", ""))
+
+
+@functools.cache
+def _dequant_isa(forced: str) -> int:
+    dq = _dequant_kernels()
+    best = dq.best_isa() if dq is not None else 0
+    forced = {"avx512vnni": "avx512", "avx512bf16": "avx512"}.get(forced, forced)
+    return min(best, DEQUANT_ISAS[forced]) if forced in DEQUANT_ISAS else best
 
 
 class QuantizedWeight:
