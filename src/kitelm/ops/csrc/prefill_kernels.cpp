@@ -1,0 +1,264 @@
+// Prefill kernels (many tokens per call, fp32, CPU, no autograd): the Conv1D in one pass (`conv1d_forward`, bit for
+// bit `Conv1D.forward`), and the RG-LRU's elementwise gate maths fused into its scan (`rglru_scan`). In pure torch (`RGLRU._gated` + `linear_scan`, the twin these are tested against in tests/test_prefill.py)
+// a 512-token RG-2B layer makes ~12 full passes over [T, 2560] fp32 tensors (sigmoid, exp, sqrt, where, muls) and
+// a thread barrier after each; here one pass per channel block reads x and the two gate pre-activations and writes
+// h, with h kept in L1. Per element, as the twin:
+//   i = σ(gx), r = σ(ga), log a = −c·r·softplus(a_param), a = exp(log a), m = ρ ? 1 : sqrt(1 − exp(2 log a))
+//   h ← (ρ ? 0 : a·h) + x·i·m
+// `isa` 0 = portable C++ (std::exp), 2 = AVX-512 (a Cephes-style exp: Cody-Waite reduction, degree-6 polynomial,
+// VSCALEFPS; within ~2 ulp of expf). The file is compiled for baseline x86-64, the fast path has its own target.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define KITELM_X86 1
+#else
+#define KITELM_X86 0
+#endif
+
+#pragma GCC diagnostic ignored "-Wpsabi"
+
+namespace {
+
+constexpr int kScalar = 0, kAvx512 = 2;
+
+struct Scan {
+  const float* x;   // [B, T, L]
+  const float* gx;  // [H, B·T, bw]: the block-diagonal gate outputs as the batched matmul leaves them
+  const float* ga;
+  const float* neg_c_softplus;  // [L]: −c·softplus(a_param)
+  const bool* reset;            // [B, T]
+  float* h;                     // [B, L]: h0 in, h_last out
+  float* y;                     // [B, T, L]
+  int64_t B, T, L, bw;
+};
+
+// One task: batch row b, channels [l0, l1) inside gate block l0 / bw.
+void scan_portable(const Scan& s, int64_t b, int64_t l0, int64_t l1) {
+  const int64_t blk = l0 / s.bw, j0 = l0 - blk * s.bw;
+  float* h = s.h + b * s.L;
+  for (int64_t t = 0; t < s.T; ++t) {
+    const int64_t n = b * s.T + t;
+    const bool start = s.reset[n];
+    const float* x = s.x + n * s.L;
+    const float* gx = s.gx + (blk * s.B * s.T + n) * s.bw + j0 - l0;
+    const float* ga = s.ga + (blk * s.B * s.T + n) * s.bw + j0 - l0;
+    float* y = s.y + n * s.L;
+    for (int64_t l = l0; l < l1; ++l) {
+      const float gate_x = 1.f / (1.f + std::exp(-gx[l]));
+      const float gate_a = 1.f / (1.f + std::exp(-ga[l]));
+      const float log_a = s.neg_c_softplus[l] * gate_a;
+      const float mult = start ? 1.f : std::sqrt(1.f - std::exp(2.f * log_a));
+      const float v = (start ? 0.f : std::exp(log_a) * h[l]) + x[l] * gate_x * mult;
+      h[l] = v;
+      y[l] = v;
+    }
+  }
+}
+
+#if KITELM_X86
+#define KITELM_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,fma")))
+
+KITELM_AVX512 inline __m512 exp16(__m512 x) {
+  // exp(±inf) and NaN: the clamp keeps NaN (min/max return their second operand when one is NaN) and maps ±inf to
+  // values whose exp is 0 / inf anyway.
+  x = _mm512_max_ps(_mm512_set1_ps(-104.f), _mm512_min_ps(_mm512_set1_ps(89.f), x));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+  return _mm512_scalef_ps(p, n);
+}
+
+KITELM_AVX512 inline __m512 sigmoid16(__m512 g) {
+  const __m512 one = _mm512_set1_ps(1.f);
+  return _mm512_div_ps(one, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+}
+
+KITELM_AVX512 void scan_avx512(const Scan& s, int64_t b, int64_t l0, int64_t l1) {
+  const int64_t blk = l0 / s.bw, j0 = l0 - blk * s.bw;
+  float* h = s.h + b * s.L;
+  const int64_t l16 = l0 + (l1 - l0) / 16 * 16;
+  const __m512 one = _mm512_set1_ps(1.f);
+  for (int64_t t = 0; t < s.T; ++t) {
+    const int64_t n = b * s.T + t;
+    const bool start = s.reset[n];
+    const float* x = s.x + n * s.L;
+    const float* gx = s.gx + (blk * s.B * s.T + n) * s.bw + j0 - l0;
+    const float* ga = s.ga + (blk * s.B * s.T + n) * s.bw + j0 - l0;
+    float* y = s.y + n * s.L;
+    for (int64_t l = l0; l < l16; l += 16) {
+      const __m512 gate_x = sigmoid16(_mm512_loadu_ps(gx + l));
+      const __m512 gate_a = sigmoid16(_mm512_loadu_ps(ga + l));
+      const __m512 log_a = _mm512_mul_ps(_mm512_loadu_ps(s.neg_c_softplus + l), gate_a);
+      const __m512 xin = _mm512_mul_ps(_mm512_loadu_ps(x + l), gate_x);
+      __m512 v;
+      if (start) {
+        v = xin;
+      } else {
+        const __m512 mult = _mm512_sqrt_ps(_mm512_sub_ps(one, exp16(_mm512_add_ps(log_a, log_a))));
+        v = _mm512_add_ps(_mm512_mul_ps(exp16(log_a), _mm512_loadu_ps(h + l)), _mm512_mul_ps(xin, mult));
+      }
+      _mm512_storeu_ps(h + l, v);
+      _mm512_storeu_ps(y + l, v);
+    }
+    if (l16 < l1) {  // channels left over in a block that is no multiple of 16
+      for (int64_t l = l16; l < l1; ++l) {
+        const float gate_x = 1.f / (1.f + std::exp(-gx[l]));
+        const float gate_a = 1.f / (1.f + std::exp(-ga[l]));
+        const float log_a = s.neg_c_softplus[l] * gate_a;
+        const float mult = start ? 1.f : std::sqrt(1.f - std::exp(2.f * log_a));
+        const float v = (start ? 0.f : std::exp(log_a) * h[l]) + x[l] * gate_x * mult;
+        h[l] = v;
+        y[l] = v;
+      }
+    }
+  }
+}
+
+bool cpu_has_avx512() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512dq");
+}
+#endif
+
+void check_fp32(const torch::Tensor& t, const char* what) {
+  TORCH_CHECK(t.scalar_type() == torch::kFloat && t.device().is_cpu(), "rglru_scan: ", what,
+              " must be a float32 CPU tensor");
+}
+
+}  // namespace
+
+int64_t best_isa() {
+#if KITELM_X86
+  if (cpu_has_avx512()) return kAvx512;
+#endif
+  return kScalar;
+}
+
+// x [B, T, L]; gx, ga [H, B·T, bw] (block-diagonal gate outputs incl. bias, before the sigmoid); a_param [L];
+// h0 [B, L] float32; reset [B, T] bool → (y [B, T, L], h_last [B, L]).
+std::vector<torch::Tensor> rglru_scan(const torch::Tensor& x_in, const torch::Tensor& gx_in, const torch::Tensor& ga_in,
+                                      const torch::Tensor& a_param_in, const torch::Tensor& h0_in,
+                                      const torch::Tensor& reset_in, double c, int64_t isa) {
+  for (const auto* t : {&x_in, &gx_in, &ga_in, &a_param_in, &h0_in}) check_fp32(*t, "every input");
+  TORCH_CHECK(x_in.dim() == 3 && gx_in.dim() == 3, "rglru_scan: x must be [B, T, L] and the gates [H, B·T, bw]");
+  const int64_t B = x_in.size(0), T = x_in.size(1), L = x_in.size(2), H = gx_in.size(0), bw = gx_in.size(2);
+  TORCH_CHECK(H * bw == L && gx_in.size(1) == B * T && ga_in.sizes() == gx_in.sizes() && a_param_in.numel() == L &&
+                  h0_in.numel() == B * L && reset_in.numel() == B * T,
+              "rglru_scan: x ", x_in.sizes(), ", gates ", gx_in.sizes(), ", a_param ", a_param_in.sizes(), ", h0 ",
+              h0_in.sizes(), " and reset ", reset_in.sizes(), " do not match");
+  TORCH_CHECK(isa >= kScalar && isa <= best_isa() && isa != 1, "rglru_scan: isa ", isa, " is not available");
+  const auto x = x_in.contiguous(), gx = gx_in.contiguous(), ga = ga_in.contiguous();
+  const auto reset = reset_in.to(torch::kBool).contiguous();
+  auto a_param = a_param_in.contiguous();
+  auto neg = torch::empty({L}, a_param.options());
+  const float* pp = a_param.data_ptr<float>();
+  float* np = neg.data_ptr<float>();
+  const float cf = static_cast<float>(c);
+  for (int64_t l = 0; l < L; ++l) {
+    const float p = pp[l];
+    np[l] = -cf * (p > 20.f ? p : std::log1p(std::exp(p)));  // torch's softplus threshold
+  }
+  auto h = h0_in.reshape({B, L}).to(torch::kFloat, /*non_blocking=*/false, /*copy=*/true).contiguous();
+  auto y = torch::empty({B, T, L}, x.options());
+  Scan s{x.data_ptr<float>(), gx.data_ptr<float>(), ga.data_ptr<float>(), np, reset.data_ptr<bool>(),
+         h.data_ptr<float>(), y.data_ptr<float>(), B, T, L, bw};
+  using Fn = void (*)(const Scan&, int64_t, int64_t, int64_t);
+  Fn fn = scan_portable;
+#if KITELM_X86
+  if (isa == kAvx512) fn = scan_avx512;
+#endif
+  // Tasks: (batch row, gate block); a block's channels are one contiguous run of every gate row.
+  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / H, blk = task % H;
+      fn(s, b, blk * bw, (blk + 1) * bw);
+    }
+  });
+  return {y, h};
+}
+
+// Conv1D over T tokens (GDM's causal depthwise conv with document resets), one pass instead of ~9 torch ops:
+// x [B, T, L] float32, w [K, L], b [L], state [B, K−1, L] (the inputs before x; any float dtype), segment_pos [B, T]
+// → (y [B, T, L], new state [B, K−1, L] float32). The same float32 operations in the same order as `Conv1D.forward`
+// (taps summed from the newest input back, each (x·w)·mask with mask ∈ {0, 1}, then + b; no FMA): bit for bit equal.
+// Tap s of token t is cut (mask 0) iff a document starts in (t − s, t].
+std::vector<torch::Tensor> conv1d_forward(const torch::Tensor& x_in, const torch::Tensor& w_in, const torch::Tensor& b_in,
+                                          const torch::Tensor& state_in, const torch::Tensor& segment_pos_in) {
+  for (const auto* t : {&x_in, &w_in, &b_in}) check_fp32(*t, "x, w and b");
+  TORCH_CHECK(x_in.dim() == 3 && w_in.dim() == 2, "conv1d_forward: x must be [B, T, L] and w [K, L]");
+  const int64_t B = x_in.size(0), T = x_in.size(1), L = x_in.size(2), K = w_in.size(0);
+  TORCH_CHECK(w_in.size(1) == L && b_in.numel() == L && state_in.dim() == 3 && state_in.size(0) == B &&
+                  state_in.size(1) == K - 1 && state_in.size(2) == L && segment_pos_in.numel() == B * T && K >= 2,
+              "conv1d_forward: x ", x_in.sizes(), ", w ", w_in.sizes(), ", state ", state_in.sizes(), " and positions ",
+              segment_pos_in.sizes(), " do not match");
+  const auto x = x_in.contiguous(), w = w_in.contiguous(), bias = b_in.contiguous();
+  const auto state = state_in.to(torch::kFloat).contiguous();
+  const auto pos = segment_pos_in.to(torch::kLong).contiguous();
+  auto y = torch::empty({B, T, L}, x.options());
+  auto new_state = torch::empty({B, K - 1, L}, x.options());
+  // last[b, t]: the latest t' <= t with segment_pos == 0, or a value below any t − s when there is none
+  std::vector<int64_t> last(B * T);
+  const int64_t* pp = pos.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b) {
+    int64_t l = -(K + 1);
+    for (int64_t t = 0; t < T; ++t) {
+      if (pp[b * T + t] == 0) l = t;
+      last[b * T + t] = l;
+    }
+  }
+  const float *xp = x.data_ptr<float>(), *wp = w.data_ptr<float>(), *bp = bias.data_ptr<float>();
+  const float* sp = state.data_ptr<float>();
+  float *yp = y.data_ptr<float>(), *np = new_state.data_ptr<float>();
+  constexpr int64_t kChunk = 256;
+  const int64_t chunks = (L + kChunk - 1) / kChunk;
+  at::parallel_for(0, B * chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / chunks, l0 = (task % chunks) * kChunk, l1 = std::min(L, l0 + kChunk);
+      auto input = [&](int64_t tau) {  // the inputs of time tau (< 0: the state's slots)
+        return tau >= 0 ? xp + (b * T + tau) * L : sp + (b * (K - 1) + (K - 1) + tau) * L;
+      };
+      for (int64_t t = 0; t < T; ++t) {
+        float* out = yp + (b * T + t) * L;
+        const float* x0 = input(t);
+        const float* w0 = wp + (K - 1) * L;
+        for (int64_t l = l0; l < l1; ++l) out[l] = x0[l] * w0[l];
+        for (int64_t s = 1; s < K; ++s) {
+          const float mask = last[b * T + t] <= t - s ? 1.f : 0.f;
+          const float* xs = input(t - s);
+          const float* ws = wp + (K - 1 - s) * L;
+          for (int64_t l = l0; l < l1; ++l) out[l] = out[l] + (xs[l] * ws[l]) * mask;
+        }
+        for (int64_t l = l0; l < l1; ++l) out[l] = out[l] + bp[l];
+      }
+      for (int64_t k = 0; k < K - 1; ++k) {  // the last K−1 inputs, cut where a document starts after them
+        const int64_t tau = T - (K - 1) + k;
+        const float mask = last[b * T + T - 1] <= tau ? 1.f : 0.f;
+        const float* xs = input(tau);
+        float* ns = np + (b * (K - 1) + k) * L;
+        for (int64_t l = l0; l < l1; ++l) ns[l] = xs[l] * mask;
+      }
+    }
+  });
+  return {y, new_state};
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("conv1d_forward", &conv1d_forward, "Conv1D over T tokens with document resets, state continued");
+  m.def("rglru_scan", &rglru_scan, "the RG-LRU's gates and scan over T tokens in one pass");
+  m.def("best_isa", &best_isa, "0 portable, 2 AVX-512 F/BW/DQ: the fastest path this CPU runs");
+}
