@@ -102,6 +102,8 @@ def test_rglru_scan_is_used_only_for_fp32_prefill_without_autograd(kernels, monk
         layer(x, pos)
         layer(x[:, :1], pos[:, :1])  # one token: decoding takes `step`; as input here the twin runs
         assert prefill.prefill_kernels(x.double()) is None and prefill.prefill_kernels(x.bfloat16()) is None
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # the gate matmuls would be bf16
+            assert prefill.prefill_kernels(x) is None
     assert calls == [False, prefill._kernels().best_isa() >= prefill.ISAS["avx512"], False]
 
 

@@ -27,8 +27,9 @@ EXTENSION = CppExtension("prefill_kernels", fallback="prefill uses the pure-torc
 
 def prefill_kernels(x: Tensor) -> ModuleType | None:
     """The compiled kernels if `x [B, T, L]` is a float32 CPU input of more than one token, no gradient is being
-    recorded and a path applies (AVX-512, or one forced by KITELM_PREFILL_ISA); otherwise None."""
-    if x.dim() != 3 or x.shape[1] < 2 or x.dtype != torch.float32 or x.device.type != "cpu" or torch.is_grad_enabled():
+    recorded, CPU autocast is off and a path applies (AVX-512, or one forced by KITELM_PREFILL_ISA); otherwise None."""
+    if (x.dim() != 3 or x.shape[1] < 2 or x.dtype != torch.float32 or x.device.type != "cpu" or torch.is_grad_enabled()
+            or torch.is_autocast_enabled("cpu")):  # autocast would hand the kernel bf16 gate matmuls
         return None
     kernels = _kernels()
     if kernels is None or (not os.environ.get("KITELM_PREFILL_ISA") and kernels.best_isa() < ISAS["avx512"]):
