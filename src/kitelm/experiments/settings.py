@@ -185,9 +185,8 @@ class ReproduceScale(StudyRecipe):
     # attention does; with griffin-tiny's 16-token window the keys lie beyond it and Griffin learns induction as
     # slowly as Hawk. The Transformer is multi-head (a key/value head per query head, n_kv_heads = n_heads = 4):
     # with transformer-tiny's grouped-query attention (2 K/V heads for 4 query heads) it left the induction plateau
-    # only at step 3,500-4,500 of 5,000 in one run and not within 6,075 in another; with MHA between steps 1,500 and
-    # 2,100 of 6,000 in three seeds
-    # (benchmarks/NOTES.md, "Copy and induction tasks")
+    # only at step 3,500-4,500 of 5,000 in one run and not within 6,075 in another; with MHA by step 2,700 of 6,000
+    # in five seeds, but in one of two seeds of 4,215 (benchmarks/NOTES.md, "Copy and induction tasks")
     task_models: tuple = (("Griffin", "griffin-tiny", ("attention_window=128",)), ("Hawk", "hawk-tiny", ()),
                           ("Transformer", "transformer-tiny", ("n_kv_heads=4",)))
     task_lr: float = TASK_LR
