@@ -230,6 +230,19 @@ def test_quantization_error_is_at_most_half_a_step(fmt, inp, group):
     assert (err <= step / 2 + amax * 2.0**-8 + 1e-12).all()
 
 
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_quantizing_in_row_chunks_gives_the_same_bits(fmt, monkeypatch):
+    """`quantize` works QUANTIZE_CHUNK weights at a time (bounded temporaries for 4 GB matrices): chunks of 3 rows,
+    which do not divide the 10 rows, give bit for bit the storage and scales of one pass, all-zero groups included."""
+    w = torch.randn(10, 128, dtype=torch.float64).float()
+    w[4, :32] = 0.0
+    whole = Q.quantize(w, fmt, 32)
+    monkeypatch.setattr(Q, "QUANTIZE_CHUNK", 3 * 128)
+    chunked = Q.quantize(w, fmt, 32)
+    assert all(torch.equal(a, b) for a, b in zip(whole, chunked))
+    assert whole[1].dtype == torch.bfloat16 and torch.equal(whole[1][4, 0], torch.tensor(1.0, dtype=torch.bfloat16))
+
+
 def test_int4_packing_round_trips():
     q = torch.randint(-8, 8, (5, 96), dtype=torch.int8)
     assert torch.equal(Q.unpack_int4(Q.pack_int4(q)), q)

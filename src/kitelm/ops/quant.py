@@ -83,18 +83,29 @@ def bits_per_weight(fmt: str, group: int) -> float:
 
 
 # -------------------------------------------------------------------------------------------- formats (twins)
+QUANTIZE_CHUNK = 1 << 24  # weights quantized per pass: the float32 temporaries stay ~64 MiB each, whatever W's size
+
+
 def quantize(weight: Tensor, fmt: str, group: int) -> tuple[Tensor, Tensor | None]:
-    """W [out, in] (any float dtype) → (storage, scales [out, in/group] bf16, None for bf16)."""
-    w = weight.detach().float()
+    """W [out, in] (any float dtype) → (storage, scales [out, in/group] bf16, None for bf16). Rows are independent, so
+    they are quantized QUANTIZE_CHUNK weights at a time: beside W and the result, memory holds only a few float32
+    chunks (quantizing RecurrentGemma-9B's 4.2 GB embedding in one piece took ~3 float32 copies more)."""
+    out, inp = weight.shape
     if fmt == "bf16":
-        return w.to(torch.bfloat16), None
-    out, inp = w.shape
+        return weight.detach().to(torch.bfloat16), None
     qmax = QMAX[fmt]
-    blocks = w.reshape(out, inp // group, group)
-    scales = (blocks.abs().amax(-1) / qmax).to(torch.bfloat16)
-    scales = torch.where(scales > 0, scales, torch.ones_like(scales))  # an all-zero group: any scale, q = 0
-    q = torch.round(blocks / scales.float()[..., None]).clamp_(-qmax, qmax).to(torch.int8).reshape(out, inp)
-    return (pack_int4(q) if fmt == "int4" else q), scales
+    storage = torch.empty(out, inp // 2 if fmt == "int4" else inp, dtype=torch.uint8 if fmt == "int4" else torch.int8,
+                          device=weight.device)
+    scales = torch.empty(out, inp // group, dtype=torch.bfloat16, device=weight.device)
+    step = max(1, QUANTIZE_CHUNK // max(inp, 1))
+    for r in range(0, out, step):
+        blocks = weight[r:r + step].detach().float().reshape(-1, inp // group, group)
+        s = (blocks.abs().amax(-1) / qmax).to(torch.bfloat16)
+        s = torch.where(s > 0, s, torch.ones_like(s))  # an all-zero group: any scale, q = 0
+        q = torch.round(blocks / s.float()[..., None]).clamp_(-qmax, qmax).to(torch.int8).reshape(-1, inp)
+        storage[r:r + step] = pack_int4(q) if fmt == "int4" else q
+        scales[r:r + step] = s
+    return storage, scales
 
 
 def pack_int4(q: Tensor) -> Tensor:
