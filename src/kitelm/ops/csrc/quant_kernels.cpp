@@ -502,6 +502,10 @@ KITELM_INLINE void rows_fp32(const Problem& p, int64_t begin, int64_t end) {
 #pragma GCC unroll 4
       for (int u = 0; u < U; ++u) acc[r][u] = V::zero();
     auto unit = [&](int64_t k, int u) __attribute__((always_inline)) {
+#if KITELM_PREFETCH
+      __builtin_prefetch(static_cast<const char*>(p.w) + (o * in + k) * (F == Fmt::bf16 ? 2 : 1) / (F == Fmt::int4 ? 2 : 1) +
+                         KITELM_PREFETCH);
+#endif
       if constexpr (F == Fmt::int4) {
         const uint8_t* w = static_cast<const uint8_t*>(p.w) + o * (in / 2) + k / 2;
         const float sf = sb[k >> p.shift];
@@ -524,22 +528,10 @@ KITELM_INLINE void rows_fp32(const Problem& p, int64_t begin, int64_t end) {
         for (int r = 0; r < R; ++r) acc[r][u] = V::fma(wv, V::loadf(p.x + r * in + k), acc[r][u]);
       }
     };
-    // One prefetch per 64-byte line of weights, not per unit (a bf16 unit is 32 bytes, an int8/int4 one 16 at L = 16):
-    // i advances by whole lines whenever U units fill one, so u alone says where a line starts.
-#if KITELM_PREFETCH
-    constexpr int64_t unit_bytes = F == Fmt::bf16 ? 2 * step : (F == Fmt::int4 ? step / 2 : step);
-    constexpr int units_per_line = unit_bytes >= 64 || U * unit_bytes % 64 != 0 ? 1 : static_cast<int>(64 / unit_bytes);
-    const char* row = static_cast<const char*>(p.w) + o * in * unit_bytes / step;
-#endif
     int64_t i = 0;  // first weight not yet consumed
     for (; i + step * U <= in; i += step * U) {
 #pragma GCC unroll 4
-      for (int u = 0; u < U; ++u) {
-#if KITELM_PREFETCH
-        if (u % units_per_line == 0) __builtin_prefetch(row + (i + step * u) * unit_bytes / step + KITELM_PREFETCH);
-#endif
-        unit(i + step * u, u);
-      }
+      for (int u = 0; u < U; ++u) unit(i + step * u, u);
     }
     for (; i + step <= in; i += step) unit(i, 0);
 #pragma GCC unroll 8
