@@ -104,6 +104,20 @@ def test_steps_take_the_kernels_only_where_they_apply(kernels, monkeypatch):
     assert calls == ["conv1d_step", "rglru_step"]
 
 
+@pytest.mark.parametrize("blas_streams", [False, True])
+def test_fp32_decoding_products_take_small_linear_only_where_blas_does_not_stream(kernels, blas_streams, monkeypatch):
+    """`linear` leaves 1-8-row fp32 products to F.linear on CPUs whose BLAS streams them (Intel's MKL) and takes
+    `small_linear` elsewhere; both give the product (the kernel within the fp32 reorder bound)."""
+    calls = []
+    monkeypatch.setattr(decode, "_kernels", lambda: _Recorder(kernels, calls))
+    monkeypatch.setattr(decode, "blas_streams_few_rows", lambda: blas_streams)
+    x, w, b = torch.randn(3, 64), torch.randn(40, 64), torch.randn(40)
+    with torch.no_grad():
+        y = decode.linear(x, w, b)
+    assert calls == ([] if blas_streams else ["small_linear"])
+    assert_fp32_close(y, F.linear(x.double(), w.double(), b.double()), terms=65)
+
+
 class _Recorder:
     """The kernels module, recording which kernel each call takes."""
 

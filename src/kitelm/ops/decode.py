@@ -2,7 +2,8 @@
 
 A batch-1 decoding step is bound by reading every weight once and by dispatching hundreds of tiny ops, not by
 FLOPs. Four kernels take those costs on: `small_linear` (a weight-streaming matrix-vector product split across
-threads, 1.5-3× faster than MKL's small-M GEMM: benchmarks/NOTES.md), `rms_norm` (7 ops → 1), `conv1d_step` and
+threads, 1.5-3× faster than MKL's small-M GEMM on the AMD Zen3 but slower on the Intel Xeon, so on Intel CPUs
+`linear` leaves fp32 products to F.linear: benchmarks/NOTES.md), `rms_norm` (7 ops → 1), `conv1d_step` and
 `rglru_step` (one Conv1D / RG-LRU time step, ~20 ops → 1). Each is called by its layer (`linear` below, `RMSNorm.forward`,
 `Conv1D.step`, `RGLRU.step`) when `decode_kernels(x)` says it applies; the layer's pure-torch twin (`F.linear`,
 `RMSNorm.forward_ref`, `Conv1D.step_ref`, `RGLRU.step_ref`) runs everywhere else (training, prefill, other dtypes
@@ -39,8 +40,20 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     `kitelm.ops.quant.QuantizedWeight` (bf16 / int8 / int4 storage), which takes the quantized kernels."""
     if not isinstance(weight, Tensor):
         return weight.linear(x, bias)
-    kernels = decode_kernels(x) if weight.dtype == torch.float32 else None
+    kernels = decode_kernels(x) if weight.dtype == torch.float32 and not blas_streams_few_rows() else None
     return kernels.small_linear(x, weight, bias) if kernels is not None else F.linear(x, weight, bias)
+
+
+@functools.cache
+def blas_streams_few_rows() -> bool:
+    """Whether torch's own fp32 GEMM (MKL in the CPU wheel) already streams 1-8-row products at the memory rate, so
+    that `small_linear` would only slow them down. Measured (benchmarks/NOTES.md, "Decode step"): on Intel CPUs,
+    MKL's vendor, it does (Sapphire-Rapids Xeon, one row of a DRAM-resident 7680×2560 matrix: F.linear 29 GB/s,
+    `small_linear` 23); on the AVX2 Zen3 MKL's small-M path used one thread and a third of the bandwidth, 1.5-3×
+    slower than `small_linear`."""
+    from ..precision import cpu_vendor
+
+    return cpu_vendor() == "GenuineIntel"
 
 
 @functools.cache
