@@ -62,3 +62,15 @@ def test_bench_no_peers_measures_kitelm_only(flags, peers, tmp_path, monkeypatch
     monkeypatch.setattr(bench, "run_bench", lambda names, out, settings: seen.update(names=names, peers=settings.peers))
     assert cli.main(["bench", "decode", "--out", str(tmp_path / "r"), *flags]) == 0
     assert seen == {"names": ["decode"], "peers": peers}
+
+
+def test_stored_bytes_count_a_tied_matrix_once():
+    """transformers lists a tied head under two state-dict names; the byte floor must read it once."""
+    from torch import nn
+
+    from kitelm.experiments.bench.decode import stored_bytes
+
+    embed, head = nn.Embedding(10, 4), nn.Linear(4, 10, bias=False)
+    head.weight = embed.weight
+    assert stored_bytes(nn.ModuleDict({"embed": embed, "head": head})) == 10 * 4 * 4
+    assert stored_bytes(nn.ModuleDict({"a": nn.Linear(4, 10, bias=False), "b": nn.Linear(4, 10, bias=False)})) == 320

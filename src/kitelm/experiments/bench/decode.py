@@ -71,9 +71,11 @@ def random_model(preset: str, weights: str, group_size: int = -1, embedding: boo
 
 
 def stored_bytes(model: nn.Module) -> int:
-    """Bytes of every parameter and persistent buffer: what a batch-1 step reads (the tied head reads the whole
+    """Bytes of every parameter and persistent buffer, a tensor shared under two names (transformers' tied
+    `lm_head.weight` and `embed_tokens.weight`) counted once: what a batch-1 step reads (the tied head reads the whole
     embedding matrix; the embedding lookup's one row is noise)."""
-    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    unique = {(t.data_ptr(), t.dtype, t.shape): t for t in model.state_dict().values()}
+    return sum(t.numel() * t.element_size() for t in unique.values())
 
 
 def read_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> float:
