@@ -791,77 +791,6 @@ std::vector<torch::Tensor> quantize_activations(const torch::Tensor& x_in, int64
   return {q, s};
 }
 
-// Rows [begin, end) of Ŵ into wf (float32) or wb (bf16 bits); `row` is a scratch buffer of `in` floats. One source,
-// compiled three times (portable, AVX2, AVX-512 target attributes) and auto-vectorized by the compiler.
-#define KITELM_DEFINE_DEQUANT(NAME, ATTR)                                                                      \
-  ATTR void NAME(const Problem& p, bool int4, float* wf, uint16_t* wb, float* row, int64_t begin, int64_t end) { \
-    const int64_t in = p.in, ngroups = p.ngroups, group = p.group;                                              \
-    for (int64_t o = begin; o < end; ++o) {                                                                      \
-      if (int4) {                                                                                                \
-        const uint8_t* src = static_cast<const uint8_t*>(p.w) + o * (in / 2);                                   \
-        for (int64_t b = 0; b < in; b += 32) {                                                                   \
-          const float s = bf16_to_float(p.scales[o * ngroups + b / group]);                                     \
-          for (int j = 0; j < 16; ++j) {                                                                         \
-            row[b + j] = static_cast<float>((src[b / 2 + j] & 0xf) - 8) * s;                                    \
-            row[b + 16 + j] = static_cast<float>((src[b / 2 + j] >> 4) - 8) * s;                                \
-          }                                                                                                      \
-        }                                                                                                        \
-      } else {                                                                                                   \
-        const int8_t* src = static_cast<const int8_t*>(p.w) + o * in;                                           \
-        for (int64_t g = 0; g < ngroups; ++g) {                                                                  \
-          const float s = bf16_to_float(p.scales[o * ngroups + g]);                                             \
-          for (int64_t j = g * group; j < (g + 1) * group; ++j) row[j] = static_cast<float>(src[j]) * s;        \
-        }                                                                                                        \
-      }                                                                                                          \
-      if (wb) {                                                                                                  \
-        for (int64_t j = 0; j < in; ++j) wb[o * in + j] = float_to_bf16(row[j]);                               \
-      } else {                                                                                                   \
-        for (int64_t j = 0; j < in; ++j) wf[o * in + j] = row[j];                                              \
-      }                                                                                                          \
-    }                                                                                                            \
-  }
-
-namespace {
-using DequantFn = void (*)(const Problem&, bool, float*, uint16_t*, float*, int64_t, int64_t);
-KITELM_DEFINE_DEQUANT(dequant_portable, )
-#if KITELM_X86
-KITELM_DEFINE_DEQUANT(dequant_avx2, KITELM_AVX2)
-KITELM_DEFINE_DEQUANT(dequant_avx512, KITELM_AVX512)
-#endif
-}  // namespace
-
-// Ŵ [out, in] in `dtype` (float32 or bfloat16, rounded to nearest even) from int8/int4 storage: the tiles that the
-// GEMM path (more than 8 rows) multiplies with. Rows are split across threads; each element is computed exactly as
-// the GEMV kernels do (fp32 q·s), so fp32 tiles equal the twin's dequantization bit for bit.
-torch::Tensor dequantize(const torch::Tensor& q_in, const torch::Tensor& scales_in, int64_t in, int64_t group,
-                         bool int4, c10::ScalarType dtype) {
-  TORCH_CHECK(dtype == torch::kFloat || dtype == torch::kBFloat16, "dequantize: dtype must be float32 or bfloat16");
-  const auto q = q_in.contiguous();
-  const auto scales = scales_in.contiguous();
-  const int64_t out = q.size(0), ngroups = in / group;
-  TORCH_CHECK(in % group == 0 && scales.size(0) == out && scales.size(1) == ngroups &&
-                  scales.scalar_type() == torch::kBFloat16 && q.size(1) == (int4 ? in / 2 : in) &&
-                  q.scalar_type() == (int4 ? torch::kByte : torch::kChar),
-              "dequantize: storage ", q.sizes(), " / scales ", scales.sizes(), " do not match in=", in, " group=", group);
-  TORCH_CHECK(!int4 || group % 32 == 0, "dequantize: int4 groups must be multiples of 32");
-  auto w = torch::empty({out, in}, q.options().dtype(dtype));
-  Problem p{int4 ? Fmt::int4 : Fmt::int8, 0, in, out, group, ngroups, 0, nullptr, q.data_ptr(),
-            reinterpret_cast<const uint16_t*>(scales.data_ptr()), nullptr, nullptr, nullptr};
-  const bool bf16 = dtype == torch::kBFloat16;
-  float* wf = bf16 ? nullptr : w.data_ptr<float>();
-  uint16_t* wb = bf16 ? reinterpret_cast<uint16_t*>(w.data_ptr()) : nullptr;
-  DequantFn fn = dequant_portable;
-#if KITELM_X86
-  if (cpu_has_avx512()) fn = dequant_avx512;
-  else if (cpu_has_avx2()) fn = dequant_avx2;
-#endif
-  at::parallel_for(0, out, std::max<int64_t>(1, 65536 / in), [&](int64_t begin, int64_t end) {
-    std::vector<float> row(in);
-    fn(p, int4, wf, wb, row.data(), begin, end);
-  });
-  return w;
-}
-
 int64_t best_isa() {
 #if KITELM_X86
   if (cpu_has_avx512vnni()) return kAvx512Vnni;
@@ -876,6 +805,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemv_int8", &gemv_int8, "y = x Ŵᵀ + b, Ŵ = int8 · bf16 group scale, 1-8 rows; quantize_x: int8 x per block of 32");
   m.def("gemv_int4", &gemv_int4, "y = x Ŵᵀ + b, Ŵ = (nibble − 8) · bf16 group scale, 1-8 rows; quantize_x as gemv_int8");
   m.def("quantize_activations", &quantize_activations, "x [rows, in], isa → (x_q int8, s_x float32 per block of 32)");
-  m.def("dequantize", &dequantize, "int8/int4 storage → float32/bfloat16 weight");
   m.def("best_isa", &best_isa, "0 portable, 1 AVX2+FMA, 2 AVX-512, 3 AVX-512 + VNNI: the fastest path this CPU runs");
 }
