@@ -46,11 +46,10 @@ class Conv1D(nn.Module):
         """Any number of tokens T, continuing `state` if given (zeros before the first token otherwise)."""
         B, T, L = x.shape
         K = self.temporal_width
+        prev = x.new_zeros(B, K - 1, L) if state is None else state.to(x.dtype)
         kernels = prefill_kernels(x)
         if kernels is not None:  # one pass, bit for bit the torch ops below (ops/prefill.py)
-            prev = x.new_zeros(B, K - 1, L) if state is None else state
             return tuple(kernels.conv1d_forward(x, self.w, self.b, prev, segment_pos))
-        prev = x.new_zeros(B, K - 1, L) if state is None else state.to(x.dtype)
         ext = torch.cat([prev, x], dim=1)  # [B, K−1+T, L]: ext[K−1+t] = x_t
         # starts[:, K−1+t] = number of document starts among x_0..x_t (0 on the state slots)
         starts = F.pad(torch.cumsum(segment_pos == 0, dim=1), (K - 1, 0))
