@@ -17,7 +17,30 @@ import warnings
 from pathlib import Path
 from types import ModuleType
 
+from ..errors import ConfigError
+
 CSRC = Path(__file__).parent / "csrc"
+
+
+def resolve_isa(variable: str, forced: str, isas: dict[str, int], best: int,
+                aliases: dict[str, str] | None = None) -> int:
+    """The level of the kernel path to run: `best` (the fastest this CPU runs) unless the environment variable
+    `variable` is set to `forced`, the name of one of `isas` (or of its `aliases`) that the CPU runs. Anything else
+    is a ConfigError naming the variable."""
+    if not forced:
+        return best
+    name = (aliases or {}).get(forced, forced)
+    if name not in isas:
+        raise ConfigError(f"{variable}={forced!r} is unknown; choose one of {', '.join(isas)}")
+    if isas[name] > best:
+        best_name = max((k for k, v in isas.items() if v <= best), key=isas.get, default="none")
+        raise ConfigError(f"{variable}={forced}: this CPU does not run that path (best: {best_name})")
+    return isas[name]
+
+
+def isas_up_to(isas: dict[str, int], best: int) -> list[str]:
+    """The names of the paths in `isas` a CPU whose fastest path is `best` runs (−1: none)."""
+    return [name for name, level in isas.items() if level <= best]
 
 
 def disabled_reason() -> str:

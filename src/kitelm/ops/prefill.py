@@ -17,8 +17,7 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-from ..errors import ConfigError
-from .extension import CppExtension
+from .extension import CppExtension, isas_up_to, resolve_isa
 
 ISAS = {"portable": 0, "avx512": 2}
 EXTENSION = CppExtension("prefill_kernels", fallback="prefill uses the pure-torch RG-LRU",
@@ -45,20 +44,12 @@ def prefill_isa() -> int:
 @functools.cache
 def _isa(forced: str) -> int:
     kernels = _kernels()
-    best = kernels.best_isa() if kernels is not None else 0
-    if not forced:
-        return best
-    if forced not in ISAS:
-        raise ConfigError(f"KITELM_PREFILL_ISA={forced!r} is unknown; choose one of {', '.join(ISAS)}")
-    if ISAS[forced] > best:
-        raise ConfigError(f"KITELM_PREFILL_ISA={forced}: this CPU does not run that path")
-    return ISAS[forced]
+    return resolve_isa("KITELM_PREFILL_ISA", forced, ISAS, kernels.best_isa() if kernels is not None else 0)
 
 
 def available_isas() -> list[str]:
     kernels = _kernels()
-    best = kernels.best_isa() if kernels is not None else -1
-    return [name for name, level in ISAS.items() if level <= best]
+    return isas_up_to(ISAS, kernels.best_isa() if kernels is not None else -1)
 
 
 @functools.cache

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import ConfigError
-from .extension import CppExtension
+from .extension import CppExtension, isas_up_to, resolve_isa
 
 FORMATS = ("bf16", "int8", "int4")
 QMAX = {"int8": 127, "int4": 7}
@@ -289,23 +289,13 @@ def kernel_isa() -> int:
 @functools.cache
 def _isa(forced: str) -> int:
     kernels = _kernels()
-    best = kernels.best_isa() if kernels is not None else 0
-    if not forced:
-        return best
-    forced = ISA_ALIASES.get(forced, forced)
-    if forced not in ISAS:
-        raise ConfigError(f"KITELM_QUANT_ISA={forced!r} is unknown; choose one of {', '.join(ISAS)}")
-    if ISAS[forced] > best:
-        raise ConfigError(f"KITELM_QUANT_ISA={forced}: this CPU does not run that path (best: "
-                          f"{next(k for k, v in ISAS.items() if v == best)})")
-    return ISAS[forced]
+    return resolve_isa("KITELM_QUANT_ISA", forced, ISAS, kernels.best_isa() if kernels is not None else 0, ISA_ALIASES)
 
 
 def available_isas() -> list[str]:
     """The GEMV paths this CPU can run (tests run every one)."""
     kernels = _kernels()
-    best = kernels.best_isa() if kernels is not None else -1
-    return [name for name, level in ISAS.items() if level <= best]
+    return isas_up_to(ISAS, kernels.best_isa() if kernels is not None else -1)
 
 
 @functools.cache
