@@ -485,8 +485,44 @@ KITELM_INLINE void rows_int(const Problem& p, int64_t begin, int64_t end) {
 // ------------------------------------------------------------------------------------------ fp32-x kernel (template)
 // Accumulators acc[r][u]: R rows of x × U independent chains. int8 vectors never straddle two scales (group % L == 0
 // or one group per row: checked by the caller); int4 goes a block of 32 at a time, L bytes → L low + L high nibbles.
+// bf16 weights, one row of x: output rows o and o + 1 in one pass (two weight streams in flight, each x vector loaded
+// once for both), two chains per row, one prefetch per 64-byte line of each row.
+template <class V>
+KITELM_INLINE void bf16_row_pair(const Problem& p, int64_t o) {
+  using Fv = typename V::F;
+  constexpr int L = V::kLanes;
+  const int64_t in = p.in;
+  const uint16_t* w0 = static_cast<const uint16_t*>(p.w) + o * in;
+  const uint16_t* w1 = w0 + in;
+  Fv a0 = V::zero(), b0 = V::zero(), a1 = V::zero(), b1 = V::zero();
+  int64_t k = 0;
+  for (; k + 2 * L <= in; k += 2 * L) {
+#if KITELM_PREFETCH
+    if (((k * 2) & 63) == 0) {
+      __builtin_prefetch(reinterpret_cast<const char*>(w0 + k) + KITELM_PREFETCH);
+      __builtin_prefetch(reinterpret_cast<const char*>(w1 + k) + KITELM_PREFETCH);
+    }
+#endif
+    const Fv x0 = V::loadf(p.x + k), x1 = V::loadf(p.x + k + L);
+    a0 = V::fma(V::from_bf16(w0 + k), x0, a0);
+    b0 = V::fma(V::from_bf16(w0 + k + L), x1, b0);
+    a1 = V::fma(V::from_bf16(w1 + k), x0, a1);
+    b1 = V::fma(V::from_bf16(w1 + k + L), x1, b1);
+  }
+  float s0 = V::hsum(V::add(a0, b0)), s1 = V::hsum(V::add(a1, b1));
+  for (; k < in; ++k) {  // tail (< 2L weights)
+    s0 += bf16_to_float(w0[k]) * p.x[k];
+    s1 += bf16_to_float(w1[k]) * p.x[k];
+  }
+  p.y[o] = p.bias ? s0 + p.bias[o] : s0;
+  p.y[o + 1] = p.bias ? s1 + p.bias[o + 1] : s1;
+}
+
 template <class V, Fmt F, int R>
 KITELM_INLINE void rows_fp32(const Problem& p, int64_t begin, int64_t end) {
+  if constexpr (F == Fmt::bf16 && R == 1) {
+    for (; begin + 2 <= end; begin += 2) bf16_row_pair<V>(p, begin);
+  }
   using Fv = typename V::F;
   constexpr int L = V::kLanes;
   constexpr int U = R == 1 ? 4 : (R == 2 ? 2 : 1);
