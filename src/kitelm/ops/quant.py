@@ -212,11 +212,11 @@ def quantized_linear(x: Tensor, storage: Tensor, scales: Tensor | None, bias: Te
         else:
             y = getattr(kernels, f"gemv_{fmt}")(xf, storage, scales, b, group, isa, x_format() == "int8")
         return y if y.dtype == x.dtype else y.to(x.dtype)
-    return _tiled_linear(x, storage, scales, bias, fmt, group, kernels)
+    return _tiled_linear(x, storage, scales, bias, fmt, group)
 
 
-def _tiled_linear(x: Tensor, storage: Tensor, scales: Tensor | None, bias: Tensor | None, fmt: str, group: int,
-                  kernels: ModuleType | None) -> Tensor:
+def _tiled_linear(x: Tensor, storage: Tensor, scales: Tensor | None, bias: Tensor | None, fmt: str,
+                  group: int) -> Tensor:
     """Above 8 rows (or without the extension): x Ŵᵀ + b by the compute dtype's GEMM (bf16 where native, else fp32).
     bf16 storage already is a bf16 matrix: one F.linear on it, nothing copied. int8/int4 (and bf16 on an fp32
     machine): Ŵ dequantized at most TILE_ELEMENTS weights at a time (tiles of equal row counts) into one buffer that
@@ -231,38 +231,27 @@ def _tiled_linear(x: Tensor, storage: Tensor, scales: Tensor | None, bias: Tenso
         step = -(-out // tiles)
         y = torch.empty(x2.shape[0], out, dtype=x.dtype, device=x.device)
         buffer = torch.empty(min(step, out), inp, dtype=compute, device=x.device) if fmt != "bf16" else None
-        dq = _dequant_kernels() if storage.device.type == "cpu" and kernels is not None else None
         for r0 in range(0, out, step):
             r1 = min(out, r0 + step)
             if fmt == "bf16":
                 tile = storage[r0:r1].to(compute)
             else:
                 tile = buffer[:r1 - r0]
-                _dequantize_into(storage[r0:r1], scales[r0:r1], fmt, group, tile, dq)
+                _dequantize_into(storage[r0:r1], scales[r0:r1], fmt, group, tile)
             y[:, r0:r1] = F.linear(x2, tile)  # the cast to x's dtype happens in this copy
     if bias is not None:
         y.add_(bias.to(x.dtype))  # y is a fresh tensor of this call
     return y.reshape(*x.shape[:-1], out)
 
 
-def _dequantize_into(storage: Tensor, scales: Tensor, fmt: str, group: int, tile: Tensor,
-                     dq: ModuleType | None) -> None:
+def _dequantize_into(storage: Tensor, scales: Tensor, fmt: str, group: int, tile: Tensor) -> None:
     """Rows of Ŵ (int8/int4 storage) into `tile` [rows, in] (float32 or bf16): the C++ kernel where it is built
     (bit for bit the twin), else `dequantize_reference`."""
+    dq = _dequant_kernels() if storage.device.type == "cpu" else None
     if dq is not None:
         dq.dequantize_into(storage, scales, group, fmt == "int4", tile, dequant_isa())
     else:
         tile.copy_(dequantize_reference(storage, scales, fmt, group))
-
-
-def _dequantize_tile(storage: Tensor, scales: Tensor | None, fmt: str, group: int, inp: int, dtype: torch.dtype,
-                     kernels: ModuleType | None) -> Tensor:
-    if fmt == "bf16":
-        return storage if dtype == torch.bfloat16 else storage.to(dtype)
-    w = torch.empty(storage.shape[0], inp, dtype=dtype, device=storage.device)
-    dq = _dequant_kernels() if storage.device.type == "cpu" and kernels is not None else None
-    _dequantize_into(storage, scales, fmt, group, w, dq)
-    return w
 
 
 def gemm_dtype(x: Tensor) -> torch.dtype:
@@ -278,7 +267,11 @@ def gemm_dtype(x: Tensor) -> torch.dtype:
 def dequantize(storage: Tensor, scales: Tensor | None, fmt: str, group: int, in_features: int,
                dtype: torch.dtype = torch.float32) -> Tensor:
     """Ŵ [out, in] in `dtype` (the C++ kernel where built; equal to `dequantize_reference` for float32)."""
-    return _dequantize_tile(storage, scales, fmt, group, in_features, dtype, _kernels())
+    if fmt == "bf16":
+        return storage if dtype == torch.bfloat16 else storage.to(dtype)
+    w = torch.empty(storage.shape[0], in_features, dtype=dtype, device=storage.device)
+    _dequantize_into(storage, scales, fmt, group, w)
+    return w
 
 
 def kernel_isa() -> int:

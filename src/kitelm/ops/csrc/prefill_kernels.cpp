@@ -38,6 +38,20 @@ struct Scan {
   int64_t B, T, L, bw;
 };
 
+// Channels [l0, l1) of one time step in plain C++ (the portable path, and the AVX-512 path's leftover channels).
+inline void step_channels(const Scan& s, bool start, const float* x, const float* gx, const float* ga, float* h,
+                          float* y, int64_t l0, int64_t l1) {
+  for (int64_t l = l0; l < l1; ++l) {
+    const float gate_x = 1.f / (1.f + std::exp(-gx[l]));
+    const float gate_a = 1.f / (1.f + std::exp(-ga[l]));
+    const float log_a = s.neg_c_softplus[l] * gate_a;
+    const float mult = start ? 1.f : std::sqrt(1.f - std::exp(2.f * log_a));
+    const float v = (start ? 0.f : std::exp(log_a) * h[l]) + x[l] * gate_x * mult;
+    h[l] = v;
+    y[l] = v;
+  }
+}
+
 // One task: batch row b, channels [l0, l1) inside gate block l0 / bw.
 void scan_portable(const Scan& s, int64_t b, int64_t l0, int64_t l1) {
   const int64_t blk = l0 / s.bw, j0 = l0 - blk * s.bw;
@@ -49,15 +63,7 @@ void scan_portable(const Scan& s, int64_t b, int64_t l0, int64_t l1) {
     const float* gx = s.gx + (blk * s.B * s.T + n) * s.bw + j0 - l0;
     const float* ga = s.ga + (blk * s.B * s.T + n) * s.bw + j0 - l0;
     float* y = s.y + n * s.L;
-    for (int64_t l = l0; l < l1; ++l) {
-      const float gate_x = 1.f / (1.f + std::exp(-gx[l]));
-      const float gate_a = 1.f / (1.f + std::exp(-ga[l]));
-      const float log_a = s.neg_c_softplus[l] * gate_a;
-      const float mult = start ? 1.f : std::sqrt(1.f - std::exp(2.f * log_a));
-      const float v = (start ? 0.f : std::exp(log_a) * h[l]) + x[l] * gate_x * mult;
-      h[l] = v;
-      y[l] = v;
-    }
+    step_channels(s, start, x, gx, ga, h, y, l0, l1);
   }
 }
 
@@ -114,17 +120,7 @@ KITELM_AVX512 void scan_avx512(const Scan& s, int64_t b, int64_t l0, int64_t l1)
       _mm512_storeu_ps(h + l, v);
       _mm512_storeu_ps(y + l, v);
     }
-    if (l16 < l1) {  // channels left over in a block that is no multiple of 16
-      for (int64_t l = l16; l < l1; ++l) {
-        const float gate_x = 1.f / (1.f + std::exp(-gx[l]));
-        const float gate_a = 1.f / (1.f + std::exp(-ga[l]));
-        const float log_a = s.neg_c_softplus[l] * gate_a;
-        const float mult = start ? 1.f : std::sqrt(1.f - std::exp(2.f * log_a));
-        const float v = (start ? 0.f : std::exp(log_a) * h[l]) + x[l] * gate_x * mult;
-        h[l] = v;
-        y[l] = v;
-      }
-    }
+    step_channels(s, start, x, gx, ga, h, y, l16, l1);  // channels left over in a block that is no multiple of 16
   }
 }
 
