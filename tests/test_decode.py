@@ -43,14 +43,16 @@ def test_small_linear_matches_f_linear(kernels, rows, d_in, d_out, bias):
 
 
 @pytest.mark.parametrize("unit_offset", [True, False])
-def test_rms_norm_kernel_matches_its_torch_twin(kernels, unit_offset):
-    norm = RMSNorm(65, 1e-6, unit_offset=unit_offset)
+@pytest.mark.parametrize("shape", [(3, 1, 65), (4, 100, 2048)])  # a decoding step; a prefill (rows across threads)
+def test_rms_norm_kernel_matches_its_torch_twin(kernels, unit_offset, shape):
+    d = shape[-1]
+    norm = RMSNorm(d, 1e-6, unit_offset=unit_offset)
     torch.nn.init.normal_(norm.weight)
-    x = torch.randn(3, 1, 65) * 3
+    x = torch.randn(shape) * 3
     with torch.no_grad():
-        # the mean of 65 squares, then rsqrt and the gain: (terms, depth) = (65, 2)
-        assert_fp32_close(kernels.rms_norm(x, norm.weight, norm.eps, float(unit_offset)), norm.forward_ref(x), 65, 2)
-        assert_fp32_close(norm(x), norm.forward_ref(x), 65, 2, name="layer")  # the layer takes the kernel here
+        # the mean of d squares, then rsqrt and the gain: (terms, depth) = (d, 2)
+        assert_fp32_close(kernels.rms_norm(x, norm.weight, norm.eps, float(unit_offset)), norm.forward_ref(x), d, 2)
+        assert_fp32_close(norm(x), norm.forward_ref(x), d, 2, name="layer")  # the layer takes the kernel here
 
 
 def _resets(batch: int) -> torch.Tensor:

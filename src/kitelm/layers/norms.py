@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..ops.decode import decode_kernels
+from ..ops.decode import row_kernels
 
 
 class RMSNorm(nn.Module):
@@ -23,9 +23,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.zeros(dim) if unit_offset else torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """For decoding-sized fp32 CPU inputs without autograd, the fused C++ kernel `rms_norm` (ops/decode.py,
-        7 ops → 1; in fp32 both conventions agree); otherwise its pure-torch twin `forward_ref`."""
-        kernels = decode_kernels(x)
+        """For fp32 CPU inputs without autograd, the fused C++ kernel `rms_norm` (ops/decode.py, 7 ops → 1; in fp32
+        both conventions agree); otherwise its pure-torch twin `forward_ref`."""
+        kernels = row_kernels(x)
         if kernels is not None:
             return kernels.rms_norm(x, self.weight, self.eps, 1.0 if self.unit_offset else 0.0)
         return self.forward_ref(x)

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops.prefill import epilogue_kernels, gelu_mul
+from ..ops.quant import bf16_gemm_path
 from .conv1d import Conv1D
 from .linear import Linear
 from .rglru import RGLRU
@@ -50,23 +52,43 @@ class RecurrentBlock(nn.Module):
         return RecurrentState(batch, self.linear_x.out_features, self.conv_1d.temporal_width, dtype, device)
 
     def forward(self, x: torch.Tensor, segment_pos: torch.Tensor, state: RecurrentState | None) -> torch.Tensor:
-        """Any number of tokens T (one token with a state takes `step`)."""
+        """Any number of tokens T (one token with a state takes `step`). Where the three matrices run the bf16 GEMM
+        (prefill of bf16/int8/int4 weights), x is cast to bf16 once, the y branch stays a bf16 product whose bias
+        and GeLU are applied by the fused epilogue `gelu_mul` together with the product by u, and that bf16 result
+        is the input of `linear_out`: the same float32 maths as the plain path, fewer passes."""
         if state is not None and x.shape[1] == 1:
             return self.step(x, segment_pos, state)
-        y = F.gelu(self.linear_y(x), approximate="tanh")  # the tanh GeLU, GDM torch/modules.py:291
-        u, conv_state = self.conv_1d(self.linear_x(x), segment_pos, state.conv if state is not None else None)
+        fused = bf16_gemm_path(x, self.linear_y, self.linear_x, self.linear_out)
+        if fused:
+            xb = x.to(torch.bfloat16)
+            y = self.linear_y.weight.linear(xb)  # the bare bf16 product: bias and GeLU are applied in `_output`
+            x_branch = self.linear_x.weight.linear(xb, self.linear_x.bias, out_dtype=x.dtype)
+        else:
+            y, x_branch = self.linear_y(x), self.linear_x(x)
+        u, conv_state = self.conv_1d(x_branch, segment_pos, state.conv if state is not None else None)
         u, h = self.rg_lru(u, segment_pos, state.h if state is not None else None)
         if state is not None:
             state.conv.copy_(conv_state)
             state.h.copy_(h)
-        return self.linear_out(u * y)
+        return self._output(y, u, fused)
+
+    def _output(self, y: torch.Tensor, u: torch.Tensor, fused: bool) -> torch.Tensor:
+        """W_out(u ⊙ gelu_tanh(y)) + b_out, y = W_y x + b_y (`fused`: y is the bare bf16 product W_y x, its bias added
+        in the epilogue, and the result is the bf16 input of W_out's bf16 GEMM). Without autograd on CPU the GeLU and
+        the product are one pass (`gelu_mul`)."""
+        if fused:
+            h = gelu_mul(y, u, self.linear_y.bias, None, torch.bfloat16)
+            return self.linear_out.weight.linear(h, self.linear_out.bias, out_dtype=u.dtype)
+        if epilogue_kernels(u) is not None:
+            return self.linear_out(gelu_mul(y, u, out_dtype=u.dtype))
+        return self.linear_out(u * F.gelu(y, approximate="tanh"))  # the tanh GeLU, GDM torch/modules.py:291
 
     def step(self, x: torch.Tensor, segment_pos: torch.Tensor, state: RecurrentState) -> torch.Tensor:
         """One token per row, x [B, 1, D]: the Conv1D and RG-LRU decoding steps (their C++ kernels where they
         apply), `state` updated in place."""
-        y = F.gelu(self.linear_y(x), approximate="tanh")
+        y = self.linear_y(x)
         u, conv_state = self.conv_1d.step(self.linear_x(x), segment_pos, state.conv)
         u, h = self.rg_lru.step(u, segment_pos, state.h)
         state.conv.copy_(conv_state)
         state.h.copy_(h)
-        return self.linear_out(u * y)
+        return self._output(y, u, fused=False)

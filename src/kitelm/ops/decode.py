@@ -3,11 +3,12 @@
 A batch-1 decoding step is bound by reading every weight once and by dispatching hundreds of tiny ops, not by
 FLOPs. Four kernels take those costs on: `small_linear` (a weight-streaming matrix-vector product split across
 threads, 1.5-3× faster than MKL's small-M GEMM on the AMD Zen3 but slower on the Intel Xeon, so on Intel CPUs
-`linear` leaves fp32 products to F.linear: benchmarks/NOTES.md), `rms_norm` (7 ops → 1), `conv1d_step` and
-`rglru_step` (one Conv1D / RG-LRU time step, ~20 ops → 1). Each is called by its layer (`linear` below, `RMSNorm.forward`,
-`Conv1D.step`, `RGLRU.step`) when `decode_kernels(x)` says it applies; the layer's pure-torch twin (`F.linear`,
-`RMSNorm.forward_ref`, `Conv1D.step_ref`, `RGLRU.step_ref`) runs everywhere else (training, prefill, other dtypes
-and devices, machines where it does not build) and is the reference the kernels are tested against
+`linear` leaves fp32 products to F.linear: benchmarks/NOTES.md), `rms_norm` (7 ops → 1; it also serves
+prefill-sized inputs, `row_kernels`), `conv1d_step` and `rglru_step` (one Conv1D / RG-LRU time step, ~20 ops → 1).
+Each is called by its layer (`linear` below, `RMSNorm.forward`, `Conv1D.step`, `RGLRU.step`) when `decode_kernels(x)`
+(or `row_kernels(x)`) says it applies; the layer's pure-torch twin (`F.linear`, `RMSNorm.forward_ref`,
+`Conv1D.step_ref`, `RGLRU.step_ref`) runs everywhere else (training, other dtypes and devices, machines where it
+does not build) and is the reference the kernels are tested against
 (tests/test_decode.py).
 """
 
@@ -31,6 +32,14 @@ def decode_kernels(x: Tensor) -> ModuleType | None:
     is being recorded; otherwise (or where the extension does not build) None."""
     if (x.numel() <= MAX_ROWS * x.shape[-1] and x.dtype == torch.float32 and x.device.type == "cpu"
             and not torch.is_grad_enabled()):
+        return _kernels()
+    return None
+
+
+def row_kernels(x: Tensor) -> ModuleType | None:
+    """The compiled kernels for a float32 CPU input of any number of rows without autograd (`rms_norm`: one pass
+    per row, rows split across threads when there are many), else None."""
+    if x.dtype == torch.float32 and x.device.type == "cpu" and not torch.is_grad_enabled():
         return _kernels()
     return None
 

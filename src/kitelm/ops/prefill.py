@@ -6,6 +6,11 @@ thread barrier: benchmarks/NOTES.md, "Prefill at the GEMM bound"). `RGLRU.forwar
 is the twin the kernel is tested against (tests/test_prefill.py). Only the AVX-512 path is used by default: the
 portable C++ one (std::exp per element) is the reference form, slower than torch's vectorized ops.
 `KITELM_PREFILL_ISA=portable|avx512` forces one (tests), `KITELM_NO_CPP=1` turns the kernels off.
+
+Two epilogues of the bf16 GEMM path share the extension: `gelu_mul` (a GeGLU's gelu_tanh(a + b_a) · (b + b_b) in
+one pass, from bf16 GEMM outputs straight to the bf16 input of the next GEMM) and `add_bias_into` (a bf16 product
+into float32 y with its bias). Each has its pure-torch twin here (`gelu_mul_reference`, `add_bias_reference`), which
+runs wherever the kernels do not (other devices, autograd, CPUs without AVX-512).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import os
 from types import ModuleType
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .extension import CppExtension, isas_up_to, resolve_isa
@@ -34,6 +40,58 @@ def prefill_kernels(x: Tensor) -> ModuleType | None:
     if kernels is None or (not os.environ.get("KITELM_PREFILL_ISA") and kernels.best_isa() < ISAS["avx512"]):
         return None
     return kernels
+
+
+def epilogue_kernels(*tensors: Tensor) -> ModuleType | None:
+    """The compiled kernels for an epilogue over `tensors` (float32 / bf16 CPU tensors, no gradient recorded, a path
+    that applies as for `prefill_kernels`), else None."""
+    if torch.is_grad_enabled() or any(t.device.type != "cpu" or t.dtype not in (torch.float32, torch.bfloat16)
+                                      for t in tensors):
+        return None
+    kernels = _kernels()
+    if kernels is None or (not os.environ.get("KITELM_PREFILL_ISA") and kernels.best_isa() < ISAS["avx512"]):
+        return None
+    return kernels
+
+
+def gelu_mul(a: Tensor, b: Tensor, a_bias: Tensor | None = None, b_bias: Tensor | None = None,
+             out_dtype: torch.dtype = torch.float32) -> Tensor:
+    """gelu_tanh(a + a_bias) · (b + b_bias) → [..., C] in `out_dtype` (float32 or bfloat16), computed in float32;
+    a, b [..., C] float32 or bfloat16 (GEMM outputs), biases [C] float32 or None."""
+    kernels = epilogue_kernels(a, b)
+    if kernels is None or out_dtype not in (torch.float32, torch.bfloat16):
+        return gelu_mul_reference(a, b, a_bias, b_bias, out_dtype)
+    c = a.shape[-1]
+    y = kernels.gelu_mul(a.reshape(-1, c), _float_bias(a_bias), b.reshape(-1, c), _float_bias(b_bias),
+                         out_dtype == torch.bfloat16, prefill_isa())
+    return y.reshape(a.shape)
+
+
+def gelu_mul_reference(a: Tensor, b: Tensor, a_bias: Tensor | None = None, b_bias: Tensor | None = None,
+                       out_dtype: torch.dtype = torch.float32) -> Tensor:
+    """`gelu_mul` in pure torch (its twin): the same float32 operations, one torch op each."""
+    g, u = a.float(), b.float()
+    g = g if a_bias is None else g + a_bias.float()
+    u = u if b_bias is None else u + b_bias.float()
+    return (F.gelu(g, approximate="tanh") * u).to(out_dtype)
+
+
+def add_bias_into(src: Tensor, bias: Tensor | None, out: Tensor) -> None:
+    """out [N, C] (float32 or bf16; may be a column slice of a wider tensor) = src [N, C] + bias [C], in float32."""
+    kernels = epilogue_kernels(src, out)
+    if kernels is None or src.dim() != 2 or out.stride(-1) != 1:
+        out.copy_(add_bias_reference(src, bias))
+        return
+    kernels.add_bias_into(src, _float_bias(bias), out, prefill_isa())
+
+
+def add_bias_reference(src: Tensor, bias: Tensor | None) -> Tensor:
+    """`add_bias_into`'s twin: src + bias in float32."""
+    return src.float() if bias is None else src.float() + bias.float()
+
+
+def _float_bias(bias: Tensor | None) -> Tensor | None:
+    return None if bias is None else bias.float()
 
 
 def prefill_isa() -> int:

@@ -199,8 +199,9 @@ def quantizes_x(fmt: str, in_features: int, group: int) -> bool:
 
 # ------------------------------------------------------------------------------------------------ fast paths
 def quantized_linear(x: Tensor, storage: Tensor, scales: Tensor | None, bias: Tensor | None, fmt: str,
-                     group: int) -> Tensor:
-    """x [..., in] → x Ŵᵀ + b [..., out] in x's dtype."""
+                     group: int, out_dtype: torch.dtype | None = None) -> Tensor:
+    """x [..., in] → x Ŵᵀ + b [..., out] in `out_dtype` (default: x's dtype)."""
+    out_dtype = out_dtype or x.dtype
     rows = x.numel() // max(x.shape[-1], 1)
     kernels = _kernels() if x.device.type == "cpu" and not torch.is_grad_enabled() else None
     if kernels is not None and 1 <= rows <= MAX_ROWS:
@@ -211,37 +212,59 @@ def quantized_linear(x: Tensor, storage: Tensor, scales: Tensor | None, bias: Te
             y = kernels.gemv_bf16(xf, storage, b, isa)
         else:
             y = getattr(kernels, f"gemv_{fmt}")(xf, storage, scales, b, group, isa, x_format() == "int8")
-        return y if y.dtype == x.dtype else y.to(x.dtype)
-    return _tiled_linear(x, storage, scales, bias, fmt, group)
+        return y if y.dtype == out_dtype else y.to(out_dtype)
+    return _tiled_linear(x, storage, scales, bias, fmt, group, out_dtype)
 
 
 def _tiled_linear(x: Tensor, storage: Tensor, scales: Tensor | None, bias: Tensor | None, fmt: str,
-                  group: int) -> Tensor:
+                  group: int, out_dtype: torch.dtype) -> Tensor:
     """Above 8 rows (or without the extension): x Ŵᵀ + b by the compute dtype's GEMM (bf16 where native, else fp32).
     bf16 storage already is a bf16 matrix: one F.linear on it, nothing copied. int8/int4 (and bf16 on an fp32
     machine): Ŵ dequantized at most TILE_ELEMENTS weights at a time (tiles of equal row counts) into one buffer that
-    every tile of the call reuses (never the whole matrix), each tile's product x·tileᵀ cast into its columns of y."""
+    every tile of the call reuses (never the whole matrix). Each tile's product x·tileᵀ goes into its columns of y
+    with the bias added in float32 (`add_bias_into`: cast and add in one pass); a single product that already is
+    the answer (no bias, in `out_dtype`) is returned as it is."""
     compute = gemm_dtype(x)
     out, inp = storage.shape[0], x.shape[-1]
     x2 = x.reshape(-1, inp).to(compute)
     if fmt == "bf16" and compute == torch.bfloat16:
-        y = F.linear(x2, storage).to(x.dtype)
-    else:
-        tiles = -(-out * inp // max(TILE_ELEMENTS, 1))
-        step = -(-out // tiles)
-        y = torch.empty(x2.shape[0], out, dtype=x.dtype, device=x.device)
-        buffer = torch.empty(min(step, out), inp, dtype=compute, device=x.device) if fmt != "bf16" else None
-        for r0 in range(0, out, step):
-            r1 = min(out, r0 + step)
-            if fmt == "bf16":
-                tile = storage[r0:r1].to(compute)
-            else:
-                tile = buffer[:r1 - r0]
-                _dequantize_into(storage[r0:r1], scales[r0:r1], fmt, group, tile)
-            y[:, r0:r1] = F.linear(x2, tile)  # the cast to x's dtype happens in this copy
-    if bias is not None:
-        y.add_(bias.to(x.dtype))  # y is a fresh tensor of this call
+        y = F.linear(x2, storage)
+        if bias is not None or y.dtype != out_dtype:
+            y = _with_bias(y, bias, 0, torch.empty(x2.shape[0], out, dtype=out_dtype, device=x.device))
+        return y.reshape(*x.shape[:-1], out)
+    tiles = -(-out * inp // max(TILE_ELEMENTS, 1))
+    step = -(-out // tiles)
+    y = torch.empty(x2.shape[0], out, dtype=out_dtype, device=x.device)
+    buffer = torch.empty(min(step, out), inp, dtype=compute, device=x.device) if fmt != "bf16" else None
+    for r0 in range(0, out, step):
+        r1 = min(out, r0 + step)
+        if fmt == "bf16":
+            tile = storage[r0:r1].to(compute)
+        else:
+            tile = buffer[:r1 - r0]
+            _dequantize_into(storage[r0:r1], scales[r0:r1], fmt, group, tile)
+        _with_bias(F.linear(x2, tile), bias, r0, y[:, r0:r1])
     return y.reshape(*x.shape[:-1], out)
+
+
+def _with_bias(product: Tensor, bias: Tensor | None, first: int, out: Tensor) -> Tensor:
+    """out = product + bias[first : first + columns] in float32 (bias None: the cast alone); returns out."""
+    from .prefill import add_bias_into
+
+    add_bias_into(product, None if bias is None else bias[first:first + product.shape[1]], out)
+    return out
+
+
+def bf16_gemm_path(x: Tensor, *layers) -> bool:
+    """Whether `quantized_linear` multiplies x [..., in] (float32, no gradient recorded, CPU autocast off) by the
+    weights of every one of `layers` (modules whose `.weight` is a QuantizedWeight) with the bf16 GEMM of the tiled
+    path: more than MAX_ROWS rows on a device with native bf16. Layers that fuse their epilogues (`MLP`,
+    `RecurrentBlock`) then pass bf16 products from one GEMM to the next instead of float32 tensors."""
+    rows = x.numel() // max(x.shape[-1], 1)
+    return (rows > MAX_ROWS and x.dtype == torch.float32 and not torch.is_grad_enabled()
+            and not torch.is_autocast_enabled(x.device.type)
+            and all(isinstance(layer.weight, QuantizedWeight) for layer in layers)
+            and gemm_dtype(x) == torch.bfloat16)
 
 
 def _dequantize_into(storage: Tensor, scales: Tensor, fmt: str, group: int, tile: Tensor) -> None:
@@ -330,8 +353,9 @@ class QuantizedWeight:
     def device(self) -> torch.device:
         return self.storage.device
 
-    def linear(self, x: Tensor, bias: Tensor | None = None) -> Tensor:
-        return quantized_linear(x, self.storage, self.scales, bias, self.fmt, self.group)
+    def linear(self, x: Tensor, bias: Tensor | None = None, out_dtype: torch.dtype | None = None) -> Tensor:
+        """x Ŵᵀ + b in `out_dtype` (default x's dtype): e.g. a bf16 x with no bias gives the bare bf16 product."""
+        return quantized_linear(x, self.storage, self.scales, bias, self.fmt, self.group, out_dtype)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
         return dequantize(self.storage, self.scales, self.fmt, self.group, self.shape[1], dtype)

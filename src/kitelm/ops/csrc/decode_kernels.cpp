@@ -70,16 +70,19 @@ torch::Tensor rms_norm(const torch::Tensor& x_in, const torch::Tensor& gain_in, 
   const float* gp = gain.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   const float off = static_cast<float>(offset);
-  for (int64_t r = 0, rows = x.numel() / d; r < rows; ++r) {
-    const float* xr = xp + r * d;
-    float* yr = yp + r * d;
-    float ss = 0.f;
+  // rows split across threads for prefill-sized inputs (≥ 64 Ki values per task); a decoding step's rows stay here
+  at::parallel_for(0, x.numel() / d, std::max<int64_t>(1, 65536 / std::max<int64_t>(d, 1)), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float* xr = xp + r * d;
+      float* yr = yp + r * d;
+      float ss = 0.f;
 #pragma omp simd reduction(+ : ss)
-    for (int64_t i = 0; i < d; ++i) ss += xr[i] * xr[i];
-    const float inv = 1.f / std::sqrt(ss / static_cast<float>(d) + static_cast<float>(eps));
+      for (int64_t i = 0; i < d; ++i) ss += xr[i] * xr[i];
+      const float inv = 1.f / std::sqrt(ss / static_cast<float>(d) + static_cast<float>(eps));
 #pragma omp simd
-    for (int64_t i = 0; i < d; ++i) yr[i] = xr[i] * inv * (off + gp[i]);
-  }
+      for (int64_t i = 0; i < d; ++i) yr[i] = xr[i] * inv * (off + gp[i]);
+    }
+  });
   return y;
 }
 

@@ -5,6 +5,10 @@
 // h, with h kept in L1. Per element, as the twin:
 //   i = σ(gx), r = σ(ga), log a = −c·r·softplus(a_param), a = exp(log a), m = ρ ? 1 : sqrt(1 − exp(2 log a))
 //   h ← (ρ ? 0 : a·h) + x·i·m
+// Two epilogues of the bf16 GEMM path run in the same single pass: `gelu_mul` (a GeGLU's gelu_tanh(a + b_a) · (b + b_b)
+// in fp32 from bf16 or fp32 products, written as bf16 for the next GEMM or as fp32; torch's tanh GeLU alone costs
+// ~5× a memory pass) and `add_bias_into` (a bf16 product → fp32 + bias, the cast and the bias add of every bf16
+// linear in one pass). Their twins are `gelu_mul_reference` / `add_bias_reference` in kitelm/ops/prefill.py.
 // `isa` 0 = portable C++ (std::exp), 2 = AVX-512 (a Cephes-style exp: Cody-Waite reduction, degree-6 polynomial,
 // VSCALEFPS; within ~2 ulp of expf). The file is compiled for baseline x86-64, the fast path has its own target.
 #include <torch/extension.h>
@@ -12,6 +16,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -26,6 +31,59 @@
 namespace {
 
 constexpr int kScalar = 0, kAvx512 = 2;
+
+inline float bf16_to_float(uint16_t b) {
+  uint32_t u = static_cast<uint32_t>(b) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+inline uint16_t float_to_bf16(float f) {  // round to nearest even, as c10::BFloat16 (NaN kept quiet)
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  return static_cast<uint16_t>((u & 0x7fffffffu) > 0x7f800000u ? ((u >> 16) | 0x40u) : rounded);
+}
+
+// gelu_tanh(v) = ½v(1 + tanh(k(v + 0.044715 v³))) = v · σ(2k(v + 0.044715 v³)),  k = √(2/π)
+constexpr float kGeluK2 = 2.f * 0.7978845608028654f, kGeluCubic = 0.044715f;
+
+inline float gelu_tanh(float v) { return v / (1.f + std::exp(-kGeluK2 * (v + kGeluCubic * v * v * v))); }
+
+// One row of an epilogue: operands are fp32 or bf16 (`*_bf16`), biases fp32 or null, the output fp32 or bf16.
+struct Epilogue {
+  const void* a;
+  const void* b;
+  const float* a_bias;
+  const float* b_bias;
+  void* out;
+  bool a_bf16, b_bf16, out_bf16;
+  int64_t cols, a_stride, b_stride, out_stride;  // elements per row of each operand (strides of dim 0)
+};
+
+inline float load_scalar(const void* p, bool bf16, int64_t i) {
+  return bf16 ? bf16_to_float(static_cast<const uint16_t*>(p)[i]) : static_cast<const float*>(p)[i];
+}
+
+inline void store_scalar(void* p, bool bf16, int64_t i, float v) {
+  if (bf16) static_cast<uint16_t*>(p)[i] = float_to_bf16(v);
+  else static_cast<float*>(p)[i] = v;
+}
+
+// Columns [c0, cols) of row r: out = gelu_tanh(a + a_bias) · (b + b_bias) (`gelu`), or out = a + a_bias.
+inline void epilogue_portable(const Epilogue& e, bool gelu, int64_t r, int64_t c0) {
+  const void* a = static_cast<const char*>(e.a) + r * e.a_stride * (e.a_bf16 ? 2 : 4);
+  void* out = static_cast<char*>(e.out) + r * e.out_stride * (e.out_bf16 ? 2 : 4);
+  for (int64_t c = c0; c < e.cols; ++c) {
+    float v = load_scalar(a, e.a_bf16, c) + (e.a_bias ? e.a_bias[c] : 0.f);
+    if (gelu) {
+      const void* b = static_cast<const char*>(e.b) + r * e.b_stride * (e.b_bf16 ? 2 : 4);
+      v = gelu_tanh(v) * (load_scalar(b, e.b_bf16, c) + (e.b_bias ? e.b_bias[c] : 0.f));
+    }
+    store_scalar(out, e.out_bf16, c, v);
+  }
+}
 
 struct Scan {
   const float* x;   // [B, T, L]
@@ -122,6 +180,45 @@ KITELM_AVX512 void scan_avx512(const Scan& s, int64_t b, int64_t l0, int64_t l1)
     }
     step_channels(s, start, x, gx, ga, h, y, l16, l1);  // channels left over in a block that is no multiple of 16
   }
+}
+
+KITELM_AVX512 inline __m512 load16(const void* p, bool bf16, int64_t i) {
+  if (!bf16) return _mm512_loadu_ps(static_cast<const float*>(p) + i);
+  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(p) + i));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+
+KITELM_AVX512 inline void store16(void* p, bool bf16, int64_t i, __m512 v) {
+  if (!bf16) return _mm512_storeu_ps(static_cast<float*>(p) + i, v);
+  // round to nearest even in integer lanes, NaN kept quiet: float_to_bf16 sixteen at a time
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i bits = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), odd)), 16);
+  const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)),
+                                                 _mm512_set1_epi32(0x7f800000));
+  bits = _mm512_mask_or_epi32(bits, nan, _mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<uint16_t*>(p) + i), _mm512_cvtepi32_epi16(bits));
+}
+
+KITELM_AVX512 void epilogue_avx512(const Epilogue& e, bool gelu, int64_t r) {
+  const void* a = static_cast<const char*>(e.a) + r * e.a_stride * (e.a_bf16 ? 2 : 4);
+  const void* b = gelu ? static_cast<const char*>(e.b) + r * e.b_stride * (e.b_bf16 ? 2 : 4) : nullptr;
+  void* out = static_cast<char*>(e.out) + r * e.out_stride * (e.out_bf16 ? 2 : 4);
+  const __m512 k2 = _mm512_set1_ps(-kGeluK2), cubic = _mm512_set1_ps(kGeluCubic), one = _mm512_set1_ps(1.f);
+  int64_t c = 0;
+  for (; c + 16 <= e.cols; c += 16) {
+    __m512 v = load16(a, e.a_bf16, c);
+    if (e.a_bias) v = _mm512_add_ps(v, _mm512_loadu_ps(e.a_bias + c));
+    if (gelu) {
+      const __m512 inner = _mm512_fmadd_ps(_mm512_mul_ps(cubic, v), _mm512_mul_ps(v, v), v);  // v + 0.044715 v³
+      const __m512 g = _mm512_div_ps(v, _mm512_add_ps(one, exp16(_mm512_mul_ps(k2, inner))));
+      __m512 w = load16(b, e.b_bf16, c);
+      if (e.b_bias) w = _mm512_add_ps(w, _mm512_loadu_ps(e.b_bias + c));
+      v = _mm512_mul_ps(g, w);
+    }
+    store16(out, e.out_bf16, c, v);
+  }
+  if (c < e.cols) epilogue_portable(e, gelu, r, c);  // fewer than 16 columns left
 }
 
 bool cpu_has_avx512() {
@@ -253,7 +350,73 @@ std::vector<torch::Tensor> conv1d_forward(const torch::Tensor& x_in, const torch
   return {y, new_state};
 }
 
+namespace {
+
+bool is_epilogue_dtype(const torch::Tensor& t) {
+  return t.device().is_cpu() && (t.scalar_type() == torch::kFloat || t.scalar_type() == torch::kBFloat16);
+}
+
+// The checks and the parallel loop of both epilogues; `b` is null for add_bias_into. Operands are 2-D [N, C] with
+// unit column stride (a row stride is allowed: the output of add_bias_into may be a column slice of a wider y).
+void run_epilogue(const torch::Tensor& a, const c10::optional<torch::Tensor>& a_bias, const torch::Tensor* b,
+                  const c10::optional<torch::Tensor>& b_bias, torch::Tensor& out, int64_t isa, const char* name) {
+  const torch::Tensor* operands[] = {&a, b, &out};
+  for (const torch::Tensor* t : operands) {
+    if (t == nullptr) continue;
+    TORCH_CHECK(is_epilogue_dtype(*t) && t->dim() == 2 && t->stride(1) == 1 && t->sizes() == a.sizes(), name,
+                ": operands must be float32/bfloat16 CPU [N, C] tensors of one shape with unit column stride, got ",
+                t->sizes(), " (", t->scalar_type(), ") for ", a.sizes());
+  }
+  const int64_t cols = a.size(1);
+  const float* biases[2] = {nullptr, nullptr};
+  const c10::optional<torch::Tensor>* bias_in[2] = {&a_bias, &b_bias};
+  torch::Tensor kept[2];
+  for (int i = 0; i < 2; ++i) {
+    if (!bias_in[i]->has_value()) continue;
+    kept[i] = (*bias_in[i])->contiguous();
+    TORCH_CHECK(kept[i].scalar_type() == torch::kFloat && kept[i].numel() == cols, name, ": a bias must be float32 [",
+                cols, "]");
+    biases[i] = kept[i].data_ptr<float>();
+  }
+  TORCH_CHECK(isa >= kScalar && isa <= best_isa() && isa != 1, name, ": isa ", isa, " is not available");
+  Epilogue e{a.data_ptr(), b ? b->data_ptr() : nullptr, biases[0], biases[1], out.data_ptr(),
+             a.scalar_type() == torch::kBFloat16, b && b->scalar_type() == torch::kBFloat16,
+             out.scalar_type() == torch::kBFloat16, cols, a.stride(0), b ? b->stride(0) : 0, out.stride(0)};
+  const bool gelu = b != nullptr;
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(cols, 1));  // small calls stay on one thread
+  at::parallel_for(0, a.size(0), grain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+#if KITELM_X86
+      if (isa == kAvx512) {
+        epilogue_avx512(e, gelu, r);
+        continue;
+      }
+#endif
+      epilogue_portable(e, gelu, r, 0);
+    }
+  });
+}
+
+}  // namespace
+
+// a, b [N, C] float32/bfloat16; a_bias, b_bias [C] float32 or None → gelu_tanh(a + a_bias) · (b + b_bias) [N, C],
+// computed in float32, returned as bfloat16 (`bf16_out`, rounded to nearest even) or float32.
+torch::Tensor gelu_mul(const torch::Tensor& a, const c10::optional<torch::Tensor>& a_bias, const torch::Tensor& b,
+                       const c10::optional<torch::Tensor>& b_bias, bool bf16_out, int64_t isa) {
+  auto out = torch::empty(a.sizes(), a.options().dtype(bf16_out ? torch::kBFloat16 : torch::kFloat));
+  run_epilogue(a, a_bias, &b, b_bias, out, isa, "gelu_mul");
+  return out;
+}
+
+// out [N, C] (float32/bfloat16, may be a column slice) = src [N, C] + bias, computed in float32.
+void add_bias_into(const torch::Tensor& src, const c10::optional<torch::Tensor>& bias, torch::Tensor& out,
+                   int64_t isa) {
+  run_epilogue(src, bias, nullptr, c10::nullopt, out, isa, "add_bias_into");
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("gelu_mul", &gelu_mul, "gelu_tanh(a + a_bias) · (b + b_bias) in float32, out bf16 or fp32");
+  m.def("add_bias_into", &add_bias_into, "out = src + bias in float32 (e.g. a bf16 product into float32 y)");
   m.def("conv1d_forward", &conv1d_forward, "Conv1D over T tokens with document resets, state continued");
   m.def("rglru_scan", &rglru_scan, "the RG-LRU's gates and scan over T tokens in one pass");
   m.def("best_isa", &best_isa, "0 portable, 2 AVX-512 F/BW/DQ: the fastest path this CPU runs");
