@@ -138,14 +138,16 @@ def softmax_attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segmen
     concatenated with the new token (2·W·hd values copied per step) and each K/V head serves its G = H / H_kv query
     heads as one [G, hd] × [hd, W] product instead of being repeated per head (SDPA's `enable_gqa` on CPU): at
     RecurrentGemma-2B's sizes (W = 2,048, hd = 256, 10 heads, 1 K/V head) 0.44 ms instead of 1.3-1.6 ms a layer
-    (benchmarks/NOTES.md, "Decode step"). The products round the scores to the input dtype, so `LocalAttention`
-    takes this path for float32/float64 only."""
+    (benchmarks/NOTES.md, "Decode step"). Until the ring has wrapped only its first `count` slots hold tokens, so
+    only those are scored (the others would get p = 0). The products round the scores to the input dtype, so
+    `LocalAttention` takes this path for float32/float64 only."""
     b, h, _, d = q.shape
     kv_heads = k.shape[1]
     segment = cache.last_segment + (segment_pos[:, 0] == 0)  # [B] document id of the new token
     qg = q.reshape(b, kv_heads, h // kv_heads, d) * d ** -0.5  # [B, H_kv, G, hd]: the heads sharing a K/V head
-    ring_k, ring_v = cache.k.to(q.dtype), cache.v.to(q.dtype)
-    other = (cache.segment != segment[:, None])[:, None, None]  # [B, 1, 1, W]
+    used = min(cache.count, cache.window)  # slots τ mod W of the tokens τ < count seen so far
+    ring_k, ring_v = cache.k[:, :, :used].to(q.dtype), cache.v[:, :, :used].to(q.dtype)
+    other = (cache.segment[:, :used] != segment[:, None])[:, None, None]  # [B, 1, 1, used]
     scores = torch.cat([torch.matmul(qg, ring_k.transpose(-1, -2)).masked_fill(other, float("-inf")),
                         (qg * k).sum(-1, keepdim=True)], -1)  # [B, H_kv, G, W + 1]
     p = torch.softmax(scores, -1)
