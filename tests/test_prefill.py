@@ -1,4 +1,5 @@
-"""Prefill kernels (csrc/prefill_kernels.cpp) against their pure-torch twins on random inputs.
+"""Prefill kernels (csrc/prefill_kernels.cpp) against their pure-torch twins on random inputs (the epilogues of the
+bf16 GEMM path and the layers' fused paths: the second half of this file, whose bounds are in its comment).
 
 `rglru_scan` (the RG-LRU's gates fused into its scan) vs `RGLRU._gated` + `linear_scan`. The two compute the same
 float32 operations in the same order except for exp (the kernel's polynomial vs torch's), so the tolerance is derived
@@ -13,14 +14,25 @@ each implementation within δh of the exact value, so the two within 2·δh.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
+import torch.nn.functional as F
 
+from kitelm import precision
+from kitelm.layers.mlp import MLP
+from kitelm.layers.recurrent import RecurrentBlock
 from kitelm.layers.rglru import C, RGLRU
 from kitelm.ops import prefill
+from kitelm.ops.quant import bf16_gemm_path, dequantize_reference
 from kitelm.ops.scan import linear_scan
+from kitelm.quant import QuantSpec, quantize_model
 
 U = 2.0**-24
+B16 = 2.0**-8  # one bf16 ulp, relative
+K2 = 2 * math.sqrt(2 / math.pi)
+NATIVE_BF16 = precision.native_bf16  # the real one (conftest makes `auto` mean float32 in every other test)
 KERNELS = prefill._kernels()
 ISAS = prefill.available_isas()
 
@@ -137,3 +149,153 @@ def test_conv1d_forward_is_bit_exact_to_its_twin(kernels, with_state, t, monkeyp
     assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got_state.isnan(), want_state.isnan())
     assert torch.equal(got.nan_to_num(), want.nan_to_num()) and torch.equal(got_state.nan_to_num(),
                                                                              want_state.nan_to_num())
+
+
+# ------------------------------------------------------------------------ epilogues of the bf16 GEMM path
+# `gelu_mul` and `add_bias_into` against float64 and their pure-torch twins, on every ISA path this CPU runs, and the fused GeGLU / recurrent-block paths of the layers
+# against their plain torch forms.
+#
+# Bounds (u = 2⁻²⁴, float32; b16 = 2⁻⁸, one bf16 ulp relative):
+# * `gelu_mul` computes v = fl(a + b_a), t = 2k(v + 0.044715 v³) (three roundings, ≤ 4u relative), E = exp(−t) (the
+#   kernel's exp within 2 ulp of the exact value of its rounded argument: relative 4u + 4u·|t|), σ = 1/(1 + E)
+#   (≤ ε_E + 2u), gelu = v·σ (+u) and the product with w = fl(b + b_b) (+2u). With gelu' ≤ 1.13 the rounding of v adds
+#   1.13·|v|·u·|w|. So |y − y₆₄| ≤ |y₆₄|·(4u|t| + 14u) + 1.13·|v|·|w|·u, and a bf16 output adds its own rounding,
+#   ≤ ½·b16·|y| (plus the float32 error, which may carry a value across a rounding boundary: b16·|y₆₄| covers both).
+# * `add_bias_into` is one float32 addition (and one bf16 rounding): bit for bit its twin.
+# * The fused layers compute the same float32 maths as their plain forms except the GeLU (the kernel's vs torch's) and
+#   hand the same bf16-rounded product to the next GEMM; the two roundings may differ by one bf16 ulp where the float32
+#   values straddle a boundary, so the next product differs by at most b16 · (|h| |Ŵ|ᵀ), which is the bound used.
+
+
+def gelu_mul_64(a, b, a_bias, b_bias):
+    v = a.double() + (0 if a_bias is None else a_bias.double())
+    w = b.double() + (0 if b_bias is None else b_bias.double())
+    return F.gelu(v, approximate="tanh") * w, v, w
+
+
+def gelu_mul_bound(a, b, a_bias, b_bias, bf16_out: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(float64 value, elementwise bound) per the comment above."""
+    y, v, w = gelu_mul_64(a, b, a_bias, b_bias)
+    t = K2 * (v + 0.044715 * v**3)
+    bound = y.abs() * (4 * U * t.abs() + 14 * U) + 1.13 * v.abs() * w.abs() * U
+    if bf16_out:
+        bound = bound + B16 * y.abs()
+    return y, bound
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("a_dtype, b_dtype", [(torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32),
+                                              (torch.float32, torch.float32)])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows, cols, biases", [(1, 2560, False), (5, 37, True), (70, 160, True)])
+def test_gelu_mul_is_within_its_bound_of_float64(kernels, isa, a_dtype, b_dtype, out_dtype, rows, cols, biases,
+                                                 monkeypatch):
+    monkeypatch.setenv("KITELM_PREFILL_ISA", isa)
+    torch.manual_seed(rows * cols)
+    a, b = (torch.randn(rows, cols) * 4).to(a_dtype), torch.randn(rows, cols).to(b_dtype)
+    a_bias, b_bias = (torch.randn(cols), torch.randn(cols)) if biases else (None, None)
+    with torch.inference_mode():
+        y = prefill.gelu_mul(a, b, a_bias, b_bias, out_dtype)
+        twin = prefill.gelu_mul_reference(a, b, a_bias, b_bias, out_dtype)
+    assert y.dtype == out_dtype and y.shape == a.shape
+    exact, bound = gelu_mul_bound(a, b, a_bias, b_bias, out_dtype == torch.bfloat16)
+    assert ((y.double() - exact).abs() <= bound).all()
+    # the twin too, whose ½v(1 + tanh) loses digits deep in the negative tail: tanh within 4 ulp of −1 adds ½|v|·|w|·8u
+    _, v, w = gelu_mul_64(a, b, a_bias, b_bias)
+    assert ((twin.double() - exact).abs() <= bound + 4 * U * v.abs() * w.abs()).all()
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_gelu_mul_keeps_special_values(kernels, isa, monkeypatch):
+    monkeypatch.setenv("KITELM_PREFILL_ISA", isa)
+    v = torch.tensor([float("inf"), float("nan"), 80.0, -80.0, -12.0, 0.0, -0.0, 1e-30] + [0.5] * 8)
+    w = torch.ones_like(v)
+    with torch.inference_mode():
+        y = prefill.gelu_mul(v[None], w[None])[0]
+    assert y[0] == float("inf") and y[1].isnan()
+    assert y[2] == 80.0 and y[3] == 0.0 and y[4] == 0.0 and y[5] == 0.0
+    assert y[7].item() == pytest.approx(0.5e-30, rel=1e-6)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+def test_add_bias_into_is_bit_exact(kernels, isa, out_dtype, monkeypatch):
+    monkeypatch.setenv("KITELM_PREFILL_ISA", isa)
+    src = torch.randn(9, 50).to(torch.bfloat16)
+    src[0, :3] = torch.tensor([float("nan"), float("inf"), -float("inf")])
+    bias = torch.randn(50)
+    wide = torch.zeros(9, 70, dtype=out_dtype)
+    with torch.inference_mode():
+        prefill.add_bias_into(src, bias, wide[:, 10:60])  # a column slice, as the tiles of a product write it
+        plain = torch.empty(9, 50, dtype=out_dtype)
+        prefill.add_bias_into(src, None, plain)
+    expected = prefill.add_bias_reference(src, bias).to(out_dtype)
+    assert torch.equal(wide[:, 10:60].isnan(), expected.isnan())
+    assert torch.equal(wide[:, 10:60].nan_to_num(), expected.nan_to_num())
+    assert (wide[:, :10] == 0).all() and (wide[:, 60:] == 0).all()
+    assert torch.equal(plain.nan_to_num(), src.to(out_dtype).nan_to_num())
+
+
+def test_epilogues_check_their_arguments(kernels):
+    a = torch.randn(4, 16)
+    with pytest.raises(RuntimeError, match="one shape"):
+        kernels.gelu_mul(a, None, torch.randn(4, 8), None, False, 0)
+    with pytest.raises(RuntimeError, match="bias must be float32"):
+        kernels.add_bias_into(a, torch.randn(3), torch.empty(4, 16), 0)
+    with pytest.raises(RuntimeError, match="float32/bfloat16"):
+        kernels.gelu_mul(a.double(), None, a.double(), None, False, 0)
+
+
+@pytest.fixture
+def bf16_machine(monkeypatch):
+    """The real `native_bf16` (the tiled path's GEMM dtype), or a skip where the fused paths cannot run."""
+    if KERNELS is None or not NATIVE_BF16():
+        pytest.skip("the fused bf16 paths need the prefill kernels and a CPU with native bf16")
+    monkeypatch.setattr(precision, "native_bf16", NATIVE_BF16)
+
+
+def _product_bound(h: torch.Tensor, layer) -> torch.Tensor:
+    """b16 · (|h| |Ŵ|ᵀ) of the layer's stored weight: one bf16 ulp of every input of its product (the comment above)."""
+    w = layer.weight
+    w_hat = dequantize_reference(w.storage, w.scales, w.fmt, w.group).double()
+    return B16 * (h.double().abs() @ w_hat.abs().t())
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "int8", "int4"])
+def test_fused_geglu_matches_the_plain_mlp(bf16_machine, fmt):
+    torch.manual_seed(0)
+    mlp = quantize_model(MLP(64, 96, "geglu", bias=True), QuantSpec(fmt, 32 if fmt != "bf16" else -1))
+    for lin in (mlp.gate, mlp.up, mlp.down):
+        torch.nn.init.normal_(lin.bias)
+    x = torch.randn(2, 12, 64)
+    with torch.inference_mode():
+        assert bf16_gemm_path(x, mlp.gate, mlp.up, mlp.down)
+        fused, plain = mlp(x), mlp.forward_ref(x)
+        h = F.gelu(mlp.gate(x), approximate="tanh") * mlp.up(x)  # the plain path's input of `down`
+    assert fused.dtype == torch.float32
+    assert ((fused.double() - plain.double()).abs() <= _product_bound(h, mlp.down) + 4 * U * plain.abs()).all()
+
+
+def test_fused_recurrent_block_matches_the_plain_path(bf16_machine, monkeypatch):
+    torch.manual_seed(1)
+    block = quantize_model(RecurrentBlock(64, 64, 4, 4, 1.0), QuantSpec("int8", 32))
+    for lin in (block.linear_x, block.linear_y, block.linear_out):
+        torch.nn.init.normal_(lin.bias, std=0.5)
+    x = torch.randn(2, 12, 64)
+    pos = torch.arange(12).repeat(2, 1)
+    captured = {}
+    original = block._output
+
+    def spy(y, u, fused):
+        captured["u"], captured["fused"] = u, fused
+        return original(y, u, fused)
+
+    monkeypatch.setattr(block, "_output", spy)
+    with torch.inference_mode():
+        fused = block(x, pos, None)
+        assert captured["fused"]
+        monkeypatch.setattr("kitelm.layers.recurrent.bf16_gemm_path", lambda *args: False)
+        plain = block(x, pos, None)
+        assert not captured["fused"]
+        h = captured["u"] * F.gelu(block.linear_y(x), approximate="tanh")
+    assert ((fused.double() - plain.double()).abs() <= _product_bound(h, block.linear_out) + 4 * U * plain.abs()).all()
