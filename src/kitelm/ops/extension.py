@@ -57,7 +57,8 @@ def summarize_build_error(error: Exception) -> str:
 
 def build_key(cflags: list[str]) -> str:
     """A short hash of what a compiled extension depends on besides its source (which torch's loader hashes itself):
-    the torch install and version, the Python executable, this CPU's flags (for -march=native) and the flags."""
+    the torch install and version, the Python executable, this CPU's flags (for -march=native), the flags, and the
+    headers of csrc/ (torch's loader does not see what a source includes)."""
     import hashlib
 
     import torch
@@ -65,7 +66,7 @@ def build_key(cflags: list[str]) -> str:
     from ..precision import cpu_flags
 
     parts = [torch.__version__, os.path.dirname(torch.__file__), sys.executable, " ".join(sorted(cpu_flags())),
-             " ".join(cflags)]
+             " ".join(cflags)] + [header.read_text() for header in sorted(CSRC.glob("*.h"))]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:12]
 
 

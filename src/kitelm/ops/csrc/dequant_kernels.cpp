@@ -13,6 +13,7 @@
 // vectorize), one template over 8-lane (AVX2) and 16-lane (AVX-512) traits; `isa` 0 = portable C++, 1 = AVX2,
 // 2 = AVX-512 F/BW. The file is compiled for baseline x86-64 and each fast path carries its own target attribute.
 #include <torch/extension.h>
+#include "bf16.h"
 #include <ATen/Parallel.h>
 #include <algorithm>
 #include <cstdint>
@@ -32,19 +33,8 @@ namespace {
 
 constexpr int kScalar = 0, kAvx2 = 1, kAvx512 = 2;
 
-inline float bf16_to_float(uint16_t b) {
-  uint32_t u = static_cast<uint32_t>(b) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
-inline uint16_t float_to_bf16(float f) {  // round to nearest even, as c10::BFloat16 (NaN kept quiet)
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-  return static_cast<uint16_t>((u & 0x7fffffffu) > 0x7f800000u ? ((u >> 16) | 0x40u) : rounded);
-}
+using kitelm::bf16_to_float;
+using kitelm::float_to_bf16;
 
 struct Tile {
   const void* q;           // storage rows

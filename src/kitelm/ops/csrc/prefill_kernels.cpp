@@ -12,6 +12,7 @@
 // `isa` 0 = portable C++ (std::exp), 2 = AVX-512 (a Cephes-style exp: Cody-Waite reduction, degree-6 polynomial,
 // VSCALEFPS; within ~2 ulp of expf). The file is compiled for baseline x86-64, the fast path has its own target.
 #include <torch/extension.h>
+#include "bf16.h"
 #include <ATen/Parallel.h>
 #include <algorithm>
 #include <cmath>
@@ -32,19 +33,8 @@ namespace {
 
 constexpr int kScalar = 0, kAvx512 = 2;
 
-inline float bf16_to_float(uint16_t b) {
-  uint32_t u = static_cast<uint32_t>(b) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
-inline uint16_t float_to_bf16(float f) {  // round to nearest even, as c10::BFloat16 (NaN kept quiet)
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-  return static_cast<uint16_t>((u & 0x7fffffffu) > 0x7f800000u ? ((u >> 16) | 0x40u) : rounded);
-}
+using kitelm::bf16_to_float;
+using kitelm::float_to_bf16;
 
 // gelu_tanh(v) = ½v(1 + tanh(k(v + 0.044715 v³))) = v · σ(2k(v + 0.044715 v³)),  k = √(2/π)
 constexpr float kGeluK2 = 2.f * 0.7978845608028654f, kGeluCubic = 0.044715f;

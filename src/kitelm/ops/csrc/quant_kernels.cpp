@@ -24,6 +24,7 @@
 // same maths), 1 = AVX2+FMA, 2 = AVX-512 F/BW/DQ, 3 = AVX-512 with VNNI (bf16 weights take path 2 there). The AVX2
 // and AVX-512 kernels are one template each over a vector-traits struct (Avx2, Avx512, Avx512Vnni).
 #include <torch/extension.h>
+#include "bf16.h"
 #include <ATen/Parallel.h>
 #include <algorithm>
 #include <cfloat>
@@ -53,19 +54,8 @@ namespace {
 constexpr int kScalar = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Vnni = 3;
 constexpr int kBlock = 32;  // x is quantized per block of 32 values of a row
 
-inline float bf16_to_float(uint16_t b) {
-  uint32_t u = static_cast<uint32_t>(b) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
-inline uint16_t float_to_bf16(float f) {  // round to nearest even, as c10::BFloat16 (NaN kept quiet); branch-free
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-  return static_cast<uint16_t>((u & 0x7fffffffu) > 0x7f800000u ? ((u >> 16) | 0x40u) : rounded);
-}
+using kitelm::bf16_to_float;
+using kitelm::float_to_bf16;
 
 // One block of 32 values of x → x_q (and Σ x_q), returning s_x. s_x = bf16(amax / 127) rounded to nearest even, and
 // x_q = x / s_x rounded half to even, clamped to ±127 (bf16 may round s_x down). A block whose amax / 127 is below the
