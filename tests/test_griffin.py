@@ -104,6 +104,31 @@ def test_local_attention_scores_grow_with_window_not_length(monkeypatch):
     assert max(seen) <= 8 + block < 700 and len(seen) == -(-700 // block)
 
 
+def test_exactly_causal_blocks_take_sdpa_is_causal(monkeypatch):
+    """A block whose mask is the causal one (a prefill of one document per row within the window) goes to SDPA as
+    `is_causal` and equals the explicit mask; a document start inside a row, or a non-square mask, keeps the mask."""
+    mask = torch.ones(5, 5, dtype=torch.bool).tril()[None, None].expand(2, 1, 5, 5)
+    broken = mask.clone()
+    broken[1, 0, 3, :3] = False  # row 1: a document starts at token 3
+    assert local_attention.is_causal_mask(mask)
+    assert not local_attention.is_causal_mask(broken) and not local_attention.is_causal_mask(mask[..., :4])
+    attention = LocalAttention(32, 4, 1, 8, window=16)
+    q, k, v = torch.randn(2, 4, 5, 8), torch.randn(2, 1, 5, 8), torch.randn(2, 1, 5, 8)
+    causal_calls = []
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        causal_calls.append(kwargs.get("is_causal", False))
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(local_attention.F, "scaled_dot_product_attention", spy)
+    with torch.no_grad():
+        fast, masked = attention._attend(q, k, v, mask, None), attention._attend(q, k, v, broken, None)
+    assert causal_calls == [True, False]
+    assert_fp32_close(fast, sdpa(q, k, v, attn_mask=mask, enable_gqa=True), terms=5 + 8, depth=2)
+    assert_fp32_close(masked, sdpa(q, k, v, attn_mask=broken, enable_gqa=True), terms=5 + 8, depth=2)
+
+
 @pytest.mark.parametrize("heads, kv_heads", [(4, 1), (4, 2), (3, 3)])
 def test_decoding_attention_matches_the_concatenating_sdpa_step(heads, kv_heads):
     """`softmax_attend_one` (ring and own key scored apart, no K/V repeat) against `attend_one` + SDPA, the path it
