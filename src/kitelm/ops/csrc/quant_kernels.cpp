@@ -397,9 +397,10 @@ KITELM_INLINE void int_chunk(const typename V::I (&wv)[O], int64_t c, const floa
   }
 }
 
-// Output rows o0 .. o0 + O − 1; U sets of accumulators (independent chains in flight when there are few rows of x).
+// Output rows o0, o0 + gap, …, o0 + (O − 1)·gap; U sets of accumulators (independent chains in flight when there are
+// few rows of x).
 template <class V, Fmt F, int R, int O, int U>
-KITELM_INLINE void int_rows(const Problem& p, int64_t o0, float* const (&sb)[O], typename V::I idx) {
+KITELM_INLINE void int_rows(const Problem& p, int64_t o0, int64_t gap, float* const (&sb)[O], typename V::I idx) {
   using Fv = typename V::F;
   constexpr int64_t kChunkBytes = 4 * V::kLanes;
   const XLanes& xl = *p.lanes;
@@ -408,8 +409,8 @@ KITELM_INLINE void int_rows(const Problem& p, int64_t o0, float* const (&sb)[O],
   const uint8_t* w[O];
 #pragma GCC unroll 2
   for (int o = 0; o < O; ++o) {
-    V::row_scales(p.scales + (o0 + o) * p.ngroups, p.ngroups, sb[o]);
-    w[o] = static_cast<const uint8_t*>(p.w) + (o0 + o) * row_bytes;
+    V::row_scales(p.scales + (o0 + o * gap) * p.ngroups, p.ngroups, sb[o]);
+    w[o] = static_cast<const uint8_t*>(p.w) + (o0 + o * gap) * row_bytes;
   }
   Fv acc[U][O][R];  // every loop over them is unrolled, so they stay in registers
 #pragma GCC unroll 4
@@ -451,14 +452,16 @@ KITELM_INLINE void int_rows(const Problem& p, int64_t o0, float* const (&sb)[O],
 #pragma GCC unroll 4
       for (int u = 1; u < U; ++u) total = V::add(total, acc[u][o][r]);
       const float sum = V::hsum(total);
-      p.y[r * p.out + o0 + o] = p.bias ? sum + p.bias[o0 + o] : sum;
+      p.y[r * p.out + o0 + o * gap] = p.bias ? sum + p.bias[o0 + o * gap] : sum;
     }
   }
 }
 
 template <class V, Fmt F, int R>
 KITELM_INLINE void rows_int(const Problem& p, int64_t begin, int64_t end) {
-  // two weight rows at a time where the registers hold 2 × R accumulators (AVX2 has 16 vector registers)
+  // two weight rows at a time where the registers hold 2 × R accumulators (AVX2 has 16 vector registers), one from
+  // each half of [begin, end): two independent DRAM streams per core, which the prefetchers keep in flight together
+  // (adjacent rows are one stream; the halves measured +12-17 % on DRAM-resident weights: benchmarks/NOTES.md)
   constexpr int O = V::kLanes == 16 || R <= 2 ? 2 : 1;
   constexpr int U = R == 1 ? (O == 2 ? 2 : 4) : (R == 2 && O == 1 ? 2 : 1);
   std::vector<float> scale_buffer(2 * (p.ngroups + V::kLanes), 0.f);  // + L: a chunk's scales may read past the end
@@ -467,23 +470,25 @@ KITELM_INLINE void rows_int(const Problem& p, int64_t begin, int64_t end) {
   const typename V::I idx = V::load(p.lanes->idx);
   int64_t o = begin;
   if constexpr (O == 2) {
-    for (; o + 2 <= end; o += 2) int_rows<V, F, R, 2, U>(p, o, sb2, idx);
+    const int64_t half = (end - begin) / 2;
+    for (int64_t i = 0; i < half; ++i) int_rows<V, F, R, 2, U>(p, begin + i, half, sb2, idx);
+    o = begin + 2 * half;
   }
-  for (; o < end; ++o) int_rows<V, F, R, 1, (R == 1 ? 4 : 1)>(p, o, sb1, idx);
+  for (; o < end; ++o) int_rows<V, F, R, 1, (R == 1 ? 4 : 1)>(p, o, 1, sb1, idx);
 }
 
 // ------------------------------------------------------------------------------------------ fp32-x kernel (template)
 // Accumulators acc[r][u]: R rows of x × U independent chains. int8 vectors never straddle two scales (group % L == 0
 // or one group per row: checked by the caller); int4 goes a block of 32 at a time, L bytes → L low + L high nibbles.
-// bf16 weights, one row of x: output rows o and o + 1 in one pass (two weight streams in flight, each x vector loaded
+// bf16 weights, one row of x: output rows o and o2 in one pass (two weight streams in flight, each x vector loaded
 // once for both), two chains per row, one prefetch per 64-byte line of each row.
 template <class V>
-KITELM_INLINE void bf16_row_pair(const Problem& p, int64_t o) {
+KITELM_INLINE void bf16_row_pair(const Problem& p, int64_t o, int64_t o2) {
   using Fv = typename V::F;
   constexpr int L = V::kLanes;
   const int64_t in = p.in;
   const uint16_t* w0 = static_cast<const uint16_t*>(p.w) + o * in;
-  const uint16_t* w1 = w0 + in;
+  const uint16_t* w1 = static_cast<const uint16_t*>(p.w) + o2 * in;
   Fv a0 = V::zero(), b0 = V::zero(), a1 = V::zero(), b1 = V::zero();
   int64_t k = 0;
   for (; k + 2 * L <= in; k += 2 * L) {
@@ -505,13 +510,15 @@ KITELM_INLINE void bf16_row_pair(const Problem& p, int64_t o) {
     s1 += bf16_to_float(w1[k]) * p.x[k];
   }
   p.y[o] = p.bias ? s0 + p.bias[o] : s0;
-  p.y[o + 1] = p.bias ? s1 + p.bias[o + 1] : s1;
+  p.y[o2] = p.bias ? s1 + p.bias[o2] : s1;
 }
 
 template <class V, Fmt F, int R>
 KITELM_INLINE void rows_fp32(const Problem& p, int64_t begin, int64_t end) {
-  if constexpr (F == Fmt::bf16 && R == 1) {
-    for (; begin + 2 <= end; begin += 2) bf16_row_pair<V>(p, begin);
+  if constexpr (F == Fmt::bf16 && R == 1) {  // rows paired across the two halves of the range, as in rows_int
+    const int64_t half = (end - begin) / 2;
+    for (int64_t i = 0; i < half; ++i) bf16_row_pair<V>(p, begin + i, begin + half + i);
+    begin += 2 * half;
   }
   using Fv = typename V::F;
   constexpr int L = V::kLanes;
