@@ -205,6 +205,16 @@ def test_gelu_mul_is_within_its_bound_of_float64(kernels, isa, a_dtype, b_dtype,
     assert ((twin.double() - exact).abs() <= bound + 4 * U * v.abs() * w.abs()).all()
 
 
+def test_gelu_mul_takes_strided_and_broadcast_operands(kernels):
+    a, b = torch.randn(6, 40), torch.randn(6, 40)
+    with torch.inference_mode():
+        strided = prefill.gelu_mul(a[:, ::2], b[:, ::2])  # column stride 2: copied for the kernel
+        broadcast = prefill.gelu_mul(a, b[0])  # b [C] against a [N, C]: the twin broadcasts
+    exact, bound = gelu_mul_bound(a[:, ::2], b[:, ::2], None, None, False)
+    assert ((strided.double() - exact).abs() <= bound).all()
+    assert torch.equal(broadcast, prefill.gelu_mul_reference(a, b[0]))
+
+
 @pytest.mark.parametrize("isa", ISAS)
 def test_gelu_mul_keeps_special_values(kernels, isa, monkeypatch):
     monkeypatch.setenv("KITELM_PREFILL_ISA", isa)

@@ -59,12 +59,18 @@ def gelu_mul(a: Tensor, b: Tensor, a_bias: Tensor | None = None, b_bias: Tensor 
     """gelu_tanh(a + a_bias) · (b + b_bias) → [..., C] in `out_dtype` (float32 or bfloat16), computed in float32;
     a, b [..., C] float32 or bfloat16 (GEMM outputs), biases [C] float32 or None."""
     kernels = epilogue_kernels(a, b)
-    if kernels is None or out_dtype not in (torch.float32, torch.bfloat16):
-        return gelu_mul_reference(a, b, a_bias, b_bias, out_dtype)
+    if kernels is None or out_dtype not in (torch.float32, torch.bfloat16) or a.shape != b.shape:
+        return gelu_mul_reference(a, b, a_bias, b_bias, out_dtype)  # (the twin also broadcasts)
     c = a.shape[-1]
-    y = kernels.gelu_mul(a.reshape(-1, c), _float_bias(a_bias), b.reshape(-1, c), _float_bias(b_bias),
+    y = kernels.gelu_mul(_rows(a, c), _float_bias(a_bias), _rows(b, c), _float_bias(b_bias),
                          out_dtype == torch.bfloat16, prefill_isa())
     return y.reshape(a.shape)
+
+
+def _rows(t: Tensor, c: int) -> Tensor:
+    """t as [N, c] with unit column stride (a view where one exists), as the kernels take it."""
+    t = t.reshape(-1, c)
+    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 def gelu_mul_reference(a: Tensor, b: Tensor, a_bias: Tensor | None = None, b_bias: Tensor | None = None,

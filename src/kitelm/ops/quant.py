@@ -40,6 +40,7 @@ from torch import Tensor
 
 from ..errors import ConfigError
 from .extension import CppExtension, isas_up_to, resolve_isa
+from .prefill import add_bias_into
 
 FORMATS = ("bf16", "int8", "int4")
 QMAX = {"int8": 127, "int4": 7}
@@ -249,8 +250,6 @@ def _tiled_linear(x: Tensor, storage: Tensor, scales: Tensor | None, bias: Tenso
 
 def _with_bias(product: Tensor, bias: Tensor | None, first: int, out: Tensor) -> Tensor:
     """out = product + bias[first : first + columns] in float32 (bias None: the cast alone); returns out."""
-    from .prefill import add_bias_into
-
     add_bias_into(product, None if bias is None else bias[first:first + product.shape[1]], out)
     return out
 
