@@ -98,6 +98,21 @@ def test_gemv_kernels_match_their_twin(kernels, isa, fmt, inp, group, x_format, 
     check_gemv(fmt, inp, group, storage, scales, bias)
 
 
+@pytest.mark.parametrize("fmt,inp,group", [("int8", 96, 32), ("int8", 91, 7), ("int4", 256, 64)])
+def test_int_weights_take_the_gemv_in_calls_of_eight_rows_up_to_sixteen(kernels, fmt, inp, group, monkeypatch):
+    """9-16 rows of x against int8/int4 weights: GEMV calls of ≤ 8 rows (the GEMV twin holds), not the tiled GEMM
+    (which is never called); bf16 weights and 17 rows take the tiles."""
+    _, storage, scales, bias = make(fmt, inp, group)
+    tiled = []
+    real_tiled = Q._tiled_linear
+    monkeypatch.setattr(Q, "_tiled_linear", lambda *args: tiled.append(args[0].shape) or real_tiled(*args))
+    check_gemv(fmt, inp, group, storage, scales, bias, rows_list=(9, 13, 16))
+    assert tiled == [] and Q.gemv_rows(fmt) == 16 and Q.gemv_rows("bf16") == Q.MAX_ROWS
+    with torch.inference_mode():
+        Q.quantized_linear(torch.randn(17, inp), storage, scales, bias, fmt, group)
+    assert len(tiled) == 1
+
+
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("fmt,inp,group", [("bf16", 256, 0), ("int8", 256, 32), ("int4", 512, 64)])
 def test_gemv_splits_output_rows_across_threads(kernels, isa, fmt, inp, group, monkeypatch):

@@ -12,9 +12,9 @@ Formats (the stored form of a Linear weight W [out, in]; activations, biases and
 The scale is rounded to bf16 *before* q is computed, so ŵ = q·s is exactly what the kernels reconstruct and the only
 error is the rounding of W/s: |W − ŵ| ≤ s/2 per weight (plus s·2⁻⁸·qmax where bf16 rounded s down and q clipped).
 
-`quantized_linear` picks the path: for 1-8 rows of x, the C++ GEMV (AVX-512 VNNI, AVX-512, AVX2 or portable C++,
-chosen at run time; `KITELM_QUANT_ISA=portable|avx2|avx512|avx512vnni` forces one); above 8 rows, tiles of Ŵ
-dequantized into the compute dtype (bf16 where the CPU has native bf16, else fp32; csrc/dequant_kernels.cpp) and
+`quantized_linear` picks the path: for 1-8 rows of x (int8/int4: 1-16, in calls of ≤ 8), the C++ GEMV (AVX-512
+VNNI, AVX-512, AVX2 or portable C++, chosen at run time; `KITELM_QUANT_ISA=portable|avx2|avx512|avx512vnni` forces
+one); above that, tiles of Ŵ dequantized into the compute dtype (bf16 where the CPU has native bf16, else fp32; csrc/dequant_kernels.cpp) and
 that dtype's GEMM (bf16 weights on a bf16 machine: one GEMM on the stored matrix).
 
 Activations on the GEMV path: bf16 weights multiply x in fp32. int8 and int4 weights multiply an int8 copy of x
@@ -44,7 +44,10 @@ from .prefill import add_bias_into
 
 FORMATS = ("bf16", "int8", "int4")
 QMAX = {"int8": 127, "int4": 7}
-MAX_ROWS = 8  # above this the GEMM on dequantized tiles reuses each weight across rows better than the GEMV
+MAX_ROWS = 8  # rows of x per GEMV call (the kernels' register tiles)
+# int8/int4 weights take the GEMV in calls of ≤ MAX_ROWS rows up to this many rows: dequantizing every weight into
+# bf16 tiles for the GEMM costs more than a second pass over the packed weights (RG-2B batch 16: benchmarks/NOTES.md)
+CHUNKED_GEMV_ROWS = 2 * MAX_ROWS
 ISAS = {"portable": 0, "avx2": 1, "avx512": 2, "avx512vnni": 3}  # 3: int8-x dot products by VPDPBUSD
 ISA_ALIASES = {"avx512bf16": "avx512vnni"}  # the former bf16-dot int4 path's name: every AVX512-BF16 CPU has VNNI
 X_BLOCK = 32  # activations are quantized per block of 32 values of a row
@@ -191,7 +194,7 @@ def x_format() -> str:
 
 
 def quantizes_x(fmt: str, in_features: int, group: int) -> bool:
-    """Whether the C++ GEMV (1-8 rows) quantizes x to int8 for this layer, on every ISA alike: int8/int4 weights
+    """Whether the C++ GEMV quantizes x to int8 for this layer, on every ISA alike: int8/int4 weights
     whose width and group are multiples of 32, unless KITELM_QUANT_X=fp32. Then `linear_reference(x_int8=True)` is
     its twin, else the plain one."""
     return (fmt in QMAX and in_features % X_BLOCK == 0 and group % X_BLOCK == 0 and group > 0
@@ -205,16 +208,21 @@ def quantized_linear(x: Tensor, storage: Tensor, scales: Tensor | None, bias: Te
     out_dtype = out_dtype or x.dtype
     rows = x.numel() // max(x.shape[-1], 1)
     kernels = _kernels() if x.device.type == "cpu" and not torch.is_grad_enabled() else None
-    if kernels is not None and 1 <= rows <= MAX_ROWS:
-        xf = x if x.dtype == torch.float32 else x.float()
+    if kernels is not None and 1 <= rows <= gemv_rows(fmt):
+        xf = (x if x.dtype == torch.float32 else x.float()).reshape(rows, x.shape[-1])
         b = None if bias is None else bias.float()
-        isa = kernel_isa()
-        if fmt == "bf16":
-            y = kernels.gemv_bf16(xf, storage, b, isa)
-        else:
-            y = getattr(kernels, f"gemv_{fmt}")(xf, storage, scales, b, group, isa, x_format() == "int8")
+        isa, int8_x = kernel_isa(), x_format() == "int8"
+        gemv = getattr(kernels, f"gemv_{fmt}")
+        parts = [gemv(xf[r:r + MAX_ROWS], storage, b, isa) if fmt == "bf16" else
+                 gemv(xf[r:r + MAX_ROWS], storage, scales, b, group, isa, int8_x) for r in range(0, rows, MAX_ROWS)]
+        y = (parts[0] if len(parts) == 1 else torch.cat(parts)).reshape(*x.shape[:-1], storage.shape[0])
         return y if y.dtype == out_dtype else y.to(out_dtype)
     return _tiled_linear(x, storage, scales, bias, fmt, group, out_dtype)
+
+
+def gemv_rows(fmt: str) -> int:
+    """The most rows of x that `quantized_linear` multiplies by the GEMV (with the extension built) for `fmt`."""
+    return MAX_ROWS if fmt == "bf16" else CHUNKED_GEMV_ROWS
 
 
 def _tiled_linear(x: Tensor, storage: Tensor, scales: Tensor | None, bias: Tensor | None, fmt: str,
@@ -257,12 +265,12 @@ def _with_bias(product: Tensor, bias: Tensor | None, first: int, out: Tensor) ->
 def bf16_gemm_path(x: Tensor, *layers) -> bool:
     """Whether `quantized_linear` multiplies x [..., in] (float32, no gradient recorded, CPU autocast off) by the
     weights of every one of `layers` (modules whose `.weight` is a QuantizedWeight) with the bf16 GEMM of the tiled
-    path: more than MAX_ROWS rows on a device with native bf16. Layers that fuse their epilogues (`MLP`,
+    path: more rows than `gemv_rows` on a device with native bf16. Layers that fuse their epilogues (`MLP`,
     `RecurrentBlock`) then pass bf16 products from one GEMM to the next instead of float32 tensors."""
     rows = x.numel() // max(x.shape[-1], 1)
-    return (rows > MAX_ROWS and x.dtype == torch.float32 and not torch.is_grad_enabled()
-            and not torch.is_autocast_enabled(x.device.type)
-            and all(isinstance(layer.weight, QuantizedWeight) for layer in layers)
+    return (x.dtype == torch.float32 and not torch.is_grad_enabled() and not torch.is_autocast_enabled(x.device.type)
+            and all(isinstance(layer.weight, QuantizedWeight) and rows > gemv_rows(layer.weight.fmt)
+                    for layer in layers)
             and gemm_dtype(x) == torch.bfloat16)
 
 
