@@ -232,7 +232,7 @@ def test_gelu_mul_keeps_special_values(kernels, isa, monkeypatch):
 def test_add_bias_into_is_bit_exact(kernels, isa, out_dtype, monkeypatch):
     monkeypatch.setenv("KITELM_PREFILL_ISA", isa)
     src = torch.randn(9, 50).to(torch.bfloat16)
-    src[0, :3] = torch.tensor([float("nan"), float("inf"), -float("inf")])
+    src[0, :4] = torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0])
     bias = torch.randn(50)
     wide = torch.zeros(9, 70, dtype=out_dtype)
     with torch.inference_mode():
@@ -244,6 +244,7 @@ def test_add_bias_into_is_bit_exact(kernels, isa, out_dtype, monkeypatch):
     assert torch.equal(wide[:, 10:60].nan_to_num(), expected.nan_to_num())
     assert (wide[:, :10] == 0).all() and (wide[:, 60:] == 0).all()
     assert torch.equal(plain.nan_to_num(), src.to(out_dtype).nan_to_num())
+    assert plain[0, 3].item() == 0.0 and torch.signbit(plain[0, 3])  # no bias: −0 stays −0
 
 
 def test_epilogues_check_their_arguments(kernels):

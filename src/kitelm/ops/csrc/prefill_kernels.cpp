@@ -5,7 +5,7 @@
 // h, with h kept in L1. Per element, as the twin:
 //   i = σ(gx), r = σ(ga), log a = −c·r·softplus(a_param), a = exp(log a), m = ρ ? 1 : sqrt(1 − exp(2 log a))
 //   h ← (ρ ? 0 : a·h) + x·i·m
-// Two epilogues of the bf16 GEMM path run in the same single pass: `gelu_mul` (a GeGLU's gelu_tanh(a + b_a) · (b + b_b)
+// Two epilogues of the bf16 GEMM path, each one pass: `gelu_mul` (a GeGLU's gelu_tanh(a + b_a) · (b + b_b)
 // in fp32 from bf16 or fp32 products, written as bf16 for the next GEMM or as fp32; torch's tanh GeLU alone costs
 // ~5× a memory pass) and `add_bias_into` (a bf16 product → fp32 + bias, the cast and the bias add of every bf16
 // linear in one pass). Their twins are `gelu_mul_reference` / `add_bias_reference` in kitelm/ops/prefill.py.
@@ -66,10 +66,13 @@ inline void epilogue_portable(const Epilogue& e, bool gelu, int64_t r, int64_t c
   const void* a = static_cast<const char*>(e.a) + r * e.a_stride * (e.a_bf16 ? 2 : 4);
   void* out = static_cast<char*>(e.out) + r * e.out_stride * (e.out_bf16 ? 2 : 4);
   for (int64_t c = c0; c < e.cols; ++c) {
-    float v = load_scalar(a, e.a_bf16, c) + (e.a_bias ? e.a_bias[c] : 0.f);
+    float v = load_scalar(a, e.a_bf16, c);
+    if (e.a_bias) v += e.a_bias[c];  // no bias: nothing added (−0 stays −0, as in the twin)
     if (gelu) {
       const void* b = static_cast<const char*>(e.b) + r * e.b_stride * (e.b_bf16 ? 2 : 4);
-      v = gelu_tanh(v) * (load_scalar(b, e.b_bf16, c) + (e.b_bias ? e.b_bias[c] : 0.f));
+      float w = load_scalar(b, e.b_bf16, c);
+      if (e.b_bias) w += e.b_bias[c];
+      v = gelu_tanh(v) * w;
     }
     store_scalar(out, e.out_bf16, c, v);
   }
