@@ -109,7 +109,7 @@ def test_exactly_causal_blocks_take_sdpa_is_causal(monkeypatch):
     `is_causal` and equals the explicit mask; a document start inside a row, or a non-square mask, keeps the mask."""
     mask = torch.ones(5, 5, dtype=torch.bool).tril()[None, None].expand(2, 1, 5, 5)
     broken = mask.clone()
-    broken[1, 0, 3, :3] = False  # row 1: a document starts at token 3
+    broken[1, 0, 3:, :3] = False  # row 1: a document starts at token 3
     assert local_attention.is_causal_mask(mask)
     assert not local_attention.is_causal_mask(broken) and not local_attention.is_causal_mask(mask[..., :4])
     attention = LocalAttention(32, 4, 1, 8, window=16)
