@@ -1,7 +1,7 @@
 """A/B of two builds of csrc/quant_kernels.cpp in one process (benchmarks/NOTES.md, "Two weight streams per core"):
 RG-2B's 164 quantized linears in model order and the 256k head, the builds alternating, fastest of 5.
 
-    python ab_gemv.py FMT BASE.cpp NEW.cpp      # FMT: bf16 | int8 | int4; copy csrc/bf16.h beside the two sources
+    python ab_gemv.py FMT BASE.cpp NEW.cpp      # FMT: bf16 | int8 | int4; copy csrc/kernel_common.h beside the two sources
 """
 import sys
 import time

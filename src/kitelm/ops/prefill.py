@@ -36,10 +36,7 @@ def prefill_kernels(x: Tensor) -> ModuleType | None:
     if (x.dim() != 3 or x.shape[1] < 2 or x.dtype != torch.float32 or x.device.type != "cpu" or torch.is_grad_enabled()
             or torch.is_autocast_enabled("cpu")):  # autocast would hand the kernel bf16 gate matmuls
         return None
-    kernels = _kernels()
-    if kernels is None or (not os.environ.get("KITELM_PREFILL_ISA") and kernels.best_isa() < ISAS["avx512"]):
-        return None
-    return kernels
+    return _kernels_with_a_path()
 
 
 def epilogue_kernels(*tensors: Tensor) -> ModuleType | None:
@@ -48,6 +45,12 @@ def epilogue_kernels(*tensors: Tensor) -> ModuleType | None:
     if torch.is_grad_enabled() or any(t.device.type != "cpu" or t.dtype not in (torch.float32, torch.bfloat16)
                                       for t in tensors):
         return None
+    return _kernels_with_a_path()
+
+
+def _kernels_with_a_path() -> ModuleType | None:
+    """The compiled kernels where a path applies: AVX-512 (the portable one is slower than torch), or one forced by
+    KITELM_PREFILL_ISA."""
     kernels = _kernels()
     if kernels is None or (not os.environ.get("KITELM_PREFILL_ISA") and kernels.best_isa() < ISAS["avx512"]):
         return None

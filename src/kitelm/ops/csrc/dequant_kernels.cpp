@@ -13,21 +13,11 @@
 // vectorize), one template over 8-lane (AVX2) and 16-lane (AVX-512) traits; `isa` 0 = portable C++, 1 = AVX2,
 // 2 = AVX-512 F/BW. The file is compiled for baseline x86-64 and each fast path carries its own target attribute.
 #include <torch/extension.h>
-#include "bf16.h"
+#include "kernel_common.h"
 #include <ATen/Parallel.h>
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
-
-#if defined(__x86_64__) || defined(_M_X64)
-#include <immintrin.h>
-#define KITELM_X86 1
-#else
-#define KITELM_X86 0
-#endif
-
-#pragma GCC diagnostic ignored "-Wpsabi"
-#define KITELM_INLINE inline __attribute__((always_inline))
 
 namespace {
 

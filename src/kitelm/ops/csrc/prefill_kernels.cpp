@@ -12,22 +12,13 @@
 // `isa` 0 = portable C++ (std::exp), 2 = AVX-512 (a Cephes-style exp: Cody-Waite reduction, degree-6 polynomial,
 // VSCALEFPS; within ~2 ulp of expf). The file is compiled for baseline x86-64, the fast path has its own target.
 #include <torch/extension.h>
-#include "bf16.h"
+#include "kernel_common.h"
 #include <ATen/Parallel.h>
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
-
-#if defined(__x86_64__) || defined(_M_X64)
-#include <immintrin.h>
-#define KITELM_X86 1
-#else
-#define KITELM_X86 0
-#endif
-
-#pragma GCC diagnostic ignored "-Wpsabi"
 
 namespace {
 
@@ -103,18 +94,26 @@ inline void step_channels(const Scan& s, bool start, const float* x, const float
   }
 }
 
+// Time step t of batch row b for the channels from l0 on (inside gate block l0 / bw): its reset and rows, each
+// indexed by the channel l (the gate rows are offset so that gx[l] is channel l's pre-activation).
+struct StepRows {
+  bool start;
+  const float *x, *gx, *ga;
+  float* y;
+};
+
+inline StepRows step_rows(const Scan& s, int64_t b, int64_t t, int64_t l0) {
+  const int64_t blk = l0 / s.bw, j0 = l0 - blk * s.bw, n = b * s.T + t;
+  const int64_t gate = (blk * s.B * s.T + n) * s.bw + j0 - l0;
+  return {s.reset[n], s.x + n * s.L, s.gx + gate, s.ga + gate, s.y + n * s.L};
+}
+
 // One task: batch row b, channels [l0, l1) inside gate block l0 / bw.
 void scan_portable(const Scan& s, int64_t b, int64_t l0, int64_t l1) {
-  const int64_t blk = l0 / s.bw, j0 = l0 - blk * s.bw;
   float* h = s.h + b * s.L;
   for (int64_t t = 0; t < s.T; ++t) {
-    const int64_t n = b * s.T + t;
-    const bool start = s.reset[n];
-    const float* x = s.x + n * s.L;
-    const float* gx = s.gx + (blk * s.B * s.T + n) * s.bw + j0 - l0;
-    const float* ga = s.ga + (blk * s.B * s.T + n) * s.bw + j0 - l0;
-    float* y = s.y + n * s.L;
-    step_channels(s, start, x, gx, ga, h, y, l0, l1);
+    const StepRows r = step_rows(s, b, t, l0);
+    step_channels(s, r.start, r.x, r.gx, r.ga, h, r.y, l0, l1);
   }
 }
 
@@ -145,17 +144,11 @@ KITELM_AVX512 inline __m512 sigmoid16(__m512 g) {
 }
 
 KITELM_AVX512 void scan_avx512(const Scan& s, int64_t b, int64_t l0, int64_t l1) {
-  const int64_t blk = l0 / s.bw, j0 = l0 - blk * s.bw;
   float* h = s.h + b * s.L;
   const int64_t l16 = l0 + (l1 - l0) / 16 * 16;
   const __m512 one = _mm512_set1_ps(1.f);
   for (int64_t t = 0; t < s.T; ++t) {
-    const int64_t n = b * s.T + t;
-    const bool start = s.reset[n];
-    const float* x = s.x + n * s.L;
-    const float* gx = s.gx + (blk * s.B * s.T + n) * s.bw + j0 - l0;
-    const float* ga = s.ga + (blk * s.B * s.T + n) * s.bw + j0 - l0;
-    float* y = s.y + n * s.L;
+    const auto [start, x, gx, ga, y] = step_rows(s, b, t, l0);
     for (int64_t l = l0; l < l16; l += 16) {
       const __m512 gate_x = sigmoid16(_mm512_loadu_ps(gx + l));
       const __m512 gate_a = sigmoid16(_mm512_loadu_ps(ga + l));

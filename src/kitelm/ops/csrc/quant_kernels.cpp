@@ -24,7 +24,7 @@
 // same maths), 1 = AVX2+FMA, 2 = AVX-512 F/BW/DQ, 3 = AVX-512 with VNNI (bf16 weights take path 2 there). The AVX2
 // and AVX-512 kernels are one template each over a vector-traits struct (Avx2, Avx512, Avx512Vnni).
 #include <torch/extension.h>
-#include "bf16.h"
+#include "kernel_common.h"
 #include <ATen/Parallel.h>
 #include <algorithm>
 #include <cfloat>
@@ -34,17 +34,6 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__x86_64__) || defined(_M_X64)
-#include <immintrin.h>
-#define KITELM_X86 1
-#else
-#define KITELM_X86 0
-#endif
-
-// The kernel templates hold vector types without a target of their own; they are always inlined into wrappers that
-// have one, so the ABI note GCC gives for them does not apply.
-#pragma GCC diagnostic ignored "-Wpsabi"
-#define KITELM_INLINE inline __attribute__((always_inline))
 #ifndef KITELM_PREFETCH  // bytes ahead of the weight row being read that are prefetched (0: none)
 #define KITELM_PREFETCH 4096
 #endif
