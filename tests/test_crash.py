@@ -1,5 +1,6 @@
 """Crash-proof checkpoints: a training process killed with SIGKILL at random moments (also while it writes a
-checkpoint) resumes with `--resume auto` and ends bitwise identical to an uninterrupted run."""
+checkpoint) resumes with `--resume auto` and ends bitwise identical to an uninterrupted run; a process killed while
+it loads a C++ extension does not make the next load wait for ever."""
 
 import os
 import random
@@ -7,7 +8,9 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -56,3 +59,24 @@ def test_sigkill_at_random_moments_then_resume_is_bitwise_identical(corpus_dir, 
     # bitwise: the resumed and the uninterrupted run execute the same kernels in the same order on one machine
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert not [p for p in (crashed / "checkpoints").iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_a_stale_torch_build_lock_does_not_hang_the_next_load():
+    """A process killed while torch's extension loader held a build folder's `lock` file (every load takes it, even of
+    a cached build) leaves the file behind. The next kitelm process must remove it and load, not wait for ever."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    from kitelm.ops import decode, extension
+
+    if decode.EXTENSION.module() is None:
+        pytest.skip("the C++ decode kernels do not build here")
+    folder = Path(_get_build_directory(f"kitelm_decode_kernels_{extension.build_key(decode.EXTENSION.cflags)}", False))
+    stale = folder / "lock"
+    stale.touch()  # as a process killed inside torch's loader leaves it
+    try:
+        code = "import sys; from kitelm.ops.decode import EXTENSION; sys.exit(0 if EXTENSION.module() else 3)"
+        done = subprocess.run([sys.executable, "-c", code], timeout=240, capture_output=True)
+        assert done.returncode == 0, done.stderr.decode()[-2000:]
+        assert not stale.exists()
+    finally:
+        stale.unlink(missing_ok=True)

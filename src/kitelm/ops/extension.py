@@ -9,6 +9,7 @@ each other's on every switch.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import sys
@@ -112,13 +113,30 @@ class CppExtension:
             file=sys.stderr, flush=True))
         notice.daemon = True
         notice.start()
+        name = f"kitelm_{self.name}_{build_key(self.cflags)}"
         try:
-            return load(
-                name=f"kitelm_{self.name}_{build_key(self.cflags)}",
-                sources=[str(CSRC / f"{self.name}.cpp")],
-                extra_cflags=self.cflags,
-                extra_ldflags=["-fopenmp"],
-                verbose=False,
-            )
+            with exclusive_build_folder(name):
+                return load(name=name, sources=[str(CSRC / f"{self.name}.cpp")], extra_cflags=self.cflags,
+                            extra_ldflags=["-fopenmp"], verbose=False)
         finally:
             notice.cancel()
+
+
+@contextlib.contextmanager
+def exclusive_build_folder(name: str):
+    """Hold an exclusive `flock` on the build folder of extension `name` while torch loads it. torch's loader guards
+    the folder with a `lock` file, taken by every load (even of a cached build, for ninja's up-to-date check); a process
+    killed while holding it leaves the file behind, and every later load of that extension then waits for ever. The
+    kernel releases an flock when its holder dies, so a `lock` file found while kitelm holds the flock is stale: it is
+    removed. (Where `fcntl` does not exist, torch's own lock is all there is.)"""
+    try:
+        import fcntl
+        from torch.utils.cpp_extension import _get_build_directory
+    except ImportError:
+        yield
+        return
+    folder = Path(_get_build_directory(name, verbose=False))
+    with open(folder / "kitelm.flock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        (folder / "lock").unlink(missing_ok=True)
+        yield
