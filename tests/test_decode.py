@@ -72,7 +72,8 @@ def test_conv1d_step_and_its_twin_match_the_full_forward_and_update_the_state(ke
         assert_fp32_close(got, want, terms=4)  # 4 taps and a bias per output
 
 
-@pytest.mark.parametrize("width, heads", [(64, 1), (64, 4), (2048, 16)])  # 16 blocks of 128: split over threads
+@pytest.mark.parametrize("width, heads", [(64, 1), (64, 4), (72, 2), (2048, 16)])  # blocks of 36: 2 × 16 channels
+# in vectors and 4 in scalar code; 16 blocks of 128: split over threads
 def test_rglru_step_and_its_twin_match_the_scan(kernels, width, heads):
     lru = RGLRU(width, heads)
     for gate in (lru.input_gate, lru.a_gate):
@@ -82,7 +83,7 @@ def test_rglru_step_and_its_twin_match_the_scan(kernels, width, heads):
     with torch.no_grad():
         expected, expected_h = lru(x, segment_pos, h0)  # the scan path
         y_ref, h_ref = lru.step_ref(x, segment_pos, h0)
-        h = kernels.rglru_step(x, lru.input_gate.w, lru.input_gate.b, lru.a_gate.w, lru.a_gate.b, lru.a_param, h0,
+        h = kernels.rglru_step(x, lru.input_gate.w, lru.input_gate.b, lru.a_gate.w, lru.a_gate.b, F.softplus(lru.a_param), h0,
                                segment_pos == 0, 8.0)
     block = width // heads  # the gates' block-diagonal reductions, then sigmoid/exp/sqrt and one step: depth 3
     for got, want in ((h_ref, expected_h), (y_ref, expected), (h, expected_h), (h[:, None], expected)):

@@ -129,12 +129,15 @@ def test_exactly_causal_blocks_take_sdpa_is_causal(monkeypatch):
     assert_fp32_close(masked, sdpa(q, k, v, attn_mask=broken, enable_gqa=True), terms=5 + 8, depth=2)
 
 
-@pytest.mark.parametrize("heads, kv_heads", [(4, 1), (4, 2), (3, 3)])
-def test_decoding_attention_matches_the_concatenating_sdpa_step(heads, kv_heads):
+@pytest.mark.parametrize("heads, kv_heads, hd, count", [(4, 1, 8, 9), (4, 2, 8, 9), (3, 3, 8, 9), (4, 1, 8, 3),
+                                                      (10, 1, 64, 9), (7, 1, 128, 3)])
+def test_decoding_attention_matches_the_concatenating_sdpa_step(heads, kv_heads, hd, count):
     """`softmax_attend_one` (ring and own key scored apart, no K/V repeat) against `attend_one` + SDPA, the path it
     replaces for fp32/fp64, over three steps: rows with empty slots, another document in the ring and a document
-    start at the query. float64 pins the maths; float32 stays within the rounding bound of its sums."""
-    window, hd, batch = 6, 8, 3
+    start at the query; `count` 3: a ring that has not wrapped (only its first slots are scored). float64 pins the
+    maths; float32 (the `attend_ring` kernel: its AVX-512 loops where hd % 64 == 0, in blocks of 4 and 5 query heads
+    and single heads for the rest) stays within the rounding bound of its sums."""
+    window, batch = 6, 3
     gen = torch.Generator().manual_seed(0)
     attention = LocalAttention(heads * hd, heads, kv_heads, hd, window)
     k0, v0 = (torch.randn(batch, kv_heads, window, hd, generator=gen, dtype=torch.float64) for _ in range(2))
@@ -144,8 +147,9 @@ def test_decoding_attention_matches_the_concatenating_sdpa_step(heads, kv_heads)
         ring.k.copy_(k0)
         ring.v.copy_(v0)
         ring.segment.copy_(torch.tensor([[4] * window, [-1, -1, 4, 4, 4, 4], [3, 3, 4, 4, 4, 3]]))
+        ring.segment[:, count:] = -1  # the slots a ring that saw `count` tokens has not written yet
         ring.last_segment.fill_(4)
-        ring.count = 9
+        ring.count = count
     for step, starts in enumerate(([False, False, False], [False, True, False], [True, True, True])):
         q = 3 * torch.randn(batch, heads, 1, hd, generator=gen, dtype=torch.float64)  # peaked softmaxes too
         k, v = (torch.randn(batch, kv_heads, 1, hd, generator=gen, dtype=torch.float64) for _ in range(2))
@@ -153,11 +157,12 @@ def test_decoding_attention_matches_the_concatenating_sdpa_step(heads, kv_heads)
         ref = local_attention.attend_one(q, k, v, segment_pos, rings["sdpa"], attention._attend)
         fast = local_attention.softmax_attend_one(q, k, v, segment_pos, rings["fast"])
         torch.testing.assert_close(fast, ref, rtol=0, atol=1e-12)  # float64: the two summation orders agree
-        fast32 = local_attention.softmax_attend_one(q.float(), k.float(), v.float(), segment_pos, rings["fast32"])
+        with torch.no_grad():  # the kernel's condition, as in decoding
+            fast32 = local_attention.softmax_attend_one(q.float(), k.float(), v.float(), segment_pos, rings["fast32"])
         assert_fp32_close(fast32, ref, terms=window + 1 + hd, depth=2, name=f"float32 step {step}")
         for name in ("k", "v", "segment", "last_segment"):
             assert torch.equal(getattr(rings["fast"], name), getattr(rings["sdpa"], name)), name
-    assert rings["fast"].count == rings["sdpa"].count == 12
+    assert rings["fast"].count == rings["sdpa"].count == count + 3
 
 
 def test_gradients_reach_every_parameter():

@@ -96,8 +96,8 @@ class RGLRU(nn.Module):
         kernels = prefill_kernels(x)
         if kernels is not None:  # gates and scan in one pass (ops/prefill.py); this path below is its twin
             h0 = x.new_zeros(x.shape[0], x.shape[2]) if h0 is None else h0
-            return tuple(kernels.rglru_scan(x, self.input_gate.blocks(x), self.a_gate.blocks(x), self.a_param, h0,
-                                            segment_pos == 0, C, prefill_isa()))
+            return tuple(kernels.rglru_scan(x, self.input_gate.blocks(x), self.a_gate.blocks(x),
+                                            F.softplus(self.a_param), h0, segment_pos == 0, C, prefill_isa()))
         a, normalized_x = self._gated(x, segment_pos)
         return linear_scan(a, normalized_x, h0)
 
@@ -108,7 +108,7 @@ class RGLRU(nn.Module):
         kernels = decode_kernels(x)
         if kernels is not None:
             h = kernels.rglru_step(x, self.input_gate.w, self.input_gate.b, self.a_gate.w, self.a_gate.b,
-                                   self.a_param, h, segment_pos == 0, C)
+                                   F.softplus(self.a_param), h, segment_pos == 0, C)
             return h.unsqueeze(1), h
         return self.step_ref(x, segment_pos, h)
 

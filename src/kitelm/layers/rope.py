@@ -21,6 +21,7 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         self.rotated = int(head_dim * fraction)
         self.base = base
+        self._inv_freq: torch.Tensor | None = None  # base^(−2i/r) [r/2], float32, on the device last asked for
 
     def pair(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Rotate queries and keys [B, H, T, hd] at positions [B, T] (negative = padding, treated as 0), computing cos
@@ -30,10 +31,17 @@ class RotaryEmbedding(nn.Module):
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """positions [B, T] → cos θ, sin θ [B, 1, T, r/2] in `dtype` (angles computed in float32)."""
-        exponents = torch.arange(0, self.rotated, 2, device=positions.device, dtype=torch.float32) / self.rotated
-        inv_freq = 1.0 / self.base**exponents  # [r/2]
-        angles = positions.clamp(min=0).unsqueeze(-1).to(torch.float32) * inv_freq  # [B, T, r/2]
+        angles = positions.clamp(min=0).unsqueeze(-1).to(torch.float32) * self.inv_freq(positions.device)  # [B, T, r/2]
         return angles.cos().unsqueeze(1).to(dtype), angles.sin().unsqueeze(1).to(dtype)
+
+    def inv_freq(self, device: torch.device) -> torch.Tensor:
+        """θ_i / pos = base^(−2i/r) [r/2] in float32, computed once per device (a plain attribute, not a buffer:
+        `model.to(dtype)` must not round it), instead of four small ops on every call."""
+        if self._inv_freq is None or self._inv_freq.device != device:
+            with torch.inference_mode(False), torch.no_grad():  # a plain tensor, also when first asked for in decoding
+                exponents = torch.arange(0, self.rotated, 2, device=device, dtype=torch.float32) / self.rotated
+                self._inv_freq = 1.0 / self.base**exponents
+        return self._inv_freq
 
     def rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x [B, H, T, hd] with cos, sin from `cos_sin`."""

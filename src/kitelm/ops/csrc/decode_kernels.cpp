@@ -8,6 +8,7 @@
 // rms_norm, conv1d_step and rglru_step attack (b): each replaces 7 to ~30 small ops by one pass. Measurements:
 // benchmarks/NOTES.md.
 #include <torch/extension.h>
+#include "kernel_common.h"
 #include <ATen/Parallel.h>
 #include <algorithm>
 #include <cmath>
@@ -19,6 +20,73 @@ void check_fp32(const torch::Tensor& t, const char* what) {
   TORCH_CHECK(t.scalar_type() == torch::kFloat && t.device().is_cpu(), "kitelm decode kernels: ", what,
               " must be a float32 CPU tensor");
 }
+
+#if KITELM_X86
+// `rglru_update16` over the first bw / 16 · 16 channels of one row of a gate block; returns how many it did.
+KITELM_AVX512_FMA int64_t update16(const float* gx, const float* ga, const float* neg, const float* x, const float* h,
+                                   float* out, int64_t bw, bool start) {
+  int64_t j = 0;
+  for (; j + 16 <= bw; j += 16)
+    _mm512_storeu_ps(out + j, kitelm::rglru_update16(_mm512_loadu_ps(gx + j), _mm512_loadu_ps(ga + j),
+                                                     _mm512_loadu_ps(neg + j), _mm512_loadu_ps(x + j),
+                                                     _mm512_loadu_ps(h + j), start));
+  return j;
+}
+
+// attend_ring's two loops in AVX-512 (hd % 64 == 0). Scores: NG query heads against one key, two accumulators each
+// (2·NG independent FMA chains: with one chain per dot, the compiled loop waited on the FMA latency).
+template <int NG>
+KITELM_AVX512_FMA void dots16(const float* q, int64_t hd, const float* key, float* out, int64_t stride) {
+  __m512 acc[NG][2];
+#pragma GCC unroll 8
+  for (int g = 0; g < NG; ++g) acc[g][0] = acc[g][1] = _mm512_setzero_ps();
+  int64_t d = 0;
+  for (; d + 32 <= hd; d += 32) {
+    const __m512 k0 = _mm512_loadu_ps(key + d), k1 = _mm512_loadu_ps(key + d + 16);
+#pragma GCC unroll 8
+    for (int g = 0; g < NG; ++g) {
+      acc[g][0] = _mm512_fmadd_ps(_mm512_loadu_ps(q + g * hd + d), k0, acc[g][0]);
+      acc[g][1] = _mm512_fmadd_ps(_mm512_loadu_ps(q + g * hd + d + 16), k1, acc[g][1]);
+    }
+  }
+  if (d < hd) {
+    const __m512 k0 = _mm512_loadu_ps(key + d);
+#pragma GCC unroll 8
+    for (int g = 0; g < NG; ++g) acc[g][0] = _mm512_fmadd_ps(_mm512_loadu_ps(q + g * hd + d), k0, acc[g][0]);
+  }
+#pragma GCC unroll 8
+  for (int g = 0; g < NG; ++g) out[g * stride] = _mm512_reduce_add_ps(_mm512_add_ps(acc[g][0], acc[g][1]));
+}
+
+// Weighted sums over one block of 64 columns (y, values offset to it): y[g, :64] += Σ_j p[g, j] · V_j[:64] for NG
+// query heads, in 4·NG accumulators.
+template <int NG>
+KITELM_AVX512_FMA void sums64(const float* p, int64_t p_stride, const float* values, int64_t rows,
+                                            int64_t hd, float* y) {
+  __m512 acc[NG][4];
+#pragma GCC unroll 8
+  for (int g = 0; g < NG; ++g)
+#pragma GCC unroll 4
+    for (int c = 0; c < 4; ++c) acc[g][c] = _mm512_loadu_ps(y + g * hd + 16 * c);
+  for (int64_t j = 0; j < rows; ++j) {
+    const float* vj = values + j * hd;
+    __m512 v[4];
+#pragma GCC unroll 4
+    for (int c = 0; c < 4; ++c) v[c] = _mm512_loadu_ps(vj + 16 * c);
+#pragma GCC unroll 8
+    for (int g = 0; g < NG; ++g) {
+      const __m512 pj = _mm512_set1_ps(p[g * p_stride + j]);
+#pragma GCC unroll 4
+      for (int c = 0; c < 4; ++c) acc[g][c] = _mm512_fmadd_ps(pj, v[c], acc[g][c]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int g = 0; g < NG; ++g)
+#pragma GCC unroll 4
+    for (int c = 0; c < 4; ++c) _mm512_storeu_ps(y + g * hd + 16 * c, acc[g][c]);
+}
+
+#endif
 
 }  // namespace
 
@@ -126,36 +194,42 @@ torch::Tensor conv1d_step(const torch::Tensor& x_in, const torch::Tensor& w_in, 
 
 // One RG-LRU step (Griffin eq. 4-6, kitelm/layers/rglru.py) per row b and channel l = (head n, column j), ρ = reset[b]:
 //   gx = b_x + Σ_i x[n, i]·w_x[n, i, j],  ga = b_a + Σ_i x[n, i]·w_a[n, i, j]      (the block-diagonal gate layers)
-//   i = σ(gx), r = σ(ga), log a = −c·r·softplus(a_param), a = exp(log a), m = ρ ? 1 : sqrt(1 − exp(2 log a))
-//   h ← (ρ ? 0 : a·h) + m·i·x;   returns the new h [B, L]
-// x [B, L]; w_x, w_a [H, bw, bw] ([in, out] per block); b_x, b_a [H, bw]; a_param [L]; h [B, L]; reset [B] bool.
+//   then `kitelm::rglru_update` (kernel_common.h) with neg = −c·softplus_a:  returns the new h [B, L]
+// x [B, L]; w_x, w_a [H, bw, bw] ([in, out] per block); b_x, b_a [H, bw]; softplus_a [L] = softplus(a_param) (torch's,
+// as the twin); h [B, L]; reset [B] bool. The update runs 16 channels at a time where the CPU has AVX-512
+// (`rglru_update16`, exp16 for exp): per channel it is 5 exps and a sqrt, ~40 ns in scalar code, which was most
+// of the step (benchmarks/NOTES.md, "Decode step on the Zen5").
 torch::Tensor rglru_step(const torch::Tensor& x_in, const torch::Tensor& wx_in, const torch::Tensor& bx_in,
-                         const torch::Tensor& wa_in, const torch::Tensor& ba_in, const torch::Tensor& a_param_in,
+                         const torch::Tensor& wa_in, const torch::Tensor& ba_in, const torch::Tensor& softplus_in,
                          const torch::Tensor& h_in, const torch::Tensor& reset_in, double c) {
-  for (const auto* t : {&x_in, &wx_in, &bx_in, &wa_in, &ba_in, &a_param_in, &h_in}) check_fp32(*t, "every RG-LRU input");
+  for (const auto* t : {&x_in, &wx_in, &bx_in, &wa_in, &ba_in, &softplus_in, &h_in}) check_fp32(*t, "every RG-LRU input");
   const int64_t H = wx_in.size(0), bw = wx_in.size(1), L = H * bw, B = h_in.numel() / L;
-  TORCH_CHECK(a_param_in.numel() == L && x_in.numel() == B * L && reset_in.numel() == B && wa_in.sizes() == wx_in.sizes(),
+  TORCH_CHECK(softplus_in.numel() == L && x_in.numel() == B * L && reset_in.numel() == B && wa_in.sizes() == wx_in.sizes(),
               "rglru_step: inputs do not match h ", h_in.sizes(), " and gates ", wx_in.sizes());
   const auto x = x_in.contiguous(), wx = wx_in.contiguous(), bx = bx_in.contiguous();
-  const auto wa = wa_in.contiguous(), ba = ba_in.contiguous(), a_param = a_param_in.contiguous(), h = h_in.contiguous();
+  const auto wa = wa_in.contiguous(), ba = ba_in.contiguous(), softplus = softplus_in.contiguous(), h = h_in.contiguous();
   const auto reset = reset_in.to(torch::kBool).contiguous();
   auto out = torch::empty({B, L}, h.options());
   const float *xp = x.data_ptr<float>(), *wxp = wx.data_ptr<float>(), *bxp = bx.data_ptr<float>();
-  const float *wap = wa.data_ptr<float>(), *bap = ba.data_ptr<float>(), *pp = a_param.data_ptr<float>();
+  const float *wap = wa.data_ptr<float>(), *bap = ba.data_ptr<float>(), *spp = softplus.data_ptr<float>();
   const float* hp = h.data_ptr<float>();
   const bool* rp = reset.data_ptr<bool>();
   float* op = out.data_ptr<float>();
-  const float cf = static_cast<float>(c);
+  const float neg_c = static_cast<float>(-c);
+  static const bool avx512 = kitelm::cpu_has_avx512();
   // Parallel over gate blocks, rows of x inside: each block's two [bw, bw] matrices (2·bw²·4 bytes, 512 KiB at
   // RG-2B's bw = 256) are read from memory once and stay in L2 for the other rows. At least ~1 MiB per task, so a
   // layer of small blocks stays on one thread.
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 20) / std::max<int64_t>(8 * bw * bw, 1));
   at::parallel_for(0, H, grain, [&](int64_t n_begin, int64_t n_end) {
-    std::vector<float> gx(bw), ga(bw);
+    std::vector<float> gx(bw), ga(bw), neg(bw);
     for (int64_t n = n_begin; n < n_end; ++n) {
+      for (int64_t j = 0; j < bw; ++j) neg[j] = neg_c * spp[n * bw + j];
       for (int64_t b = 0; b < B; ++b) {
         const bool start = rp[b];
         const float* xn = xp + b * L + n * bw;
+        const float* hn = hp + b * L + n * bw;
+        float* on = op + b * L + n * bw;
         std::copy(bxp + n * bw, bxp + (n + 1) * bw, gx.begin());
         std::copy(bap + n * bw, bap + (n + 1) * bw, ga.begin());
         float* gxd = gx.data();
@@ -170,20 +244,112 @@ torch::Tensor rglru_step(const torch::Tensor& x_in, const torch::Tensor& wx_in, 
             gad[j] += xi * war[j];
           }
         }
-        for (int64_t j = 0; j < bw; ++j) {
-          const int64_t l = n * bw + j, k = b * L + l;
-          const float p = pp[l];
-          const float softplus = p > 20.f ? p : std::log1p(std::exp(p));  // torch's threshold
-          const float gate_x = 1.f / (1.f + std::exp(-gx[j]));
-          const float gate_a = 1.f / (1.f + std::exp(-ga[j]));
-          const float log_a = -cf * gate_a * softplus;
-          const float mult = start ? 1.f : std::sqrt(1.f - std::exp(2.f * log_a));
-          op[k] = (start ? 0.f : std::exp(log_a) * hp[k]) + mult * gate_x * xn[j];
-        }
+        int64_t j = 0;
+#if KITELM_X86
+        if (avx512) j = update16(gxd, gad, neg.data(), xn, hn, on, bw, start);
+#endif
+        for (; j < bw; ++j) on[j] = kitelm::rglru_update(gxd[j], gad[j], neg[j], xn[j], hn[j], start);
       }
     }
   });
   return out;
+}
+
+// Softmax attention of one query token per row over a ring KV cache (kitelm/layers/local_attention.py,
+// `softmax_attend_one`, is the twin): q [B, Hkv, G, hd] (already × 1/√hd), the new token's k, v [B, Hkv, 1, hd], the
+// ring ring_k, ring_v [B, Hkv, W, hd], its slots' document ids ring_segment [B, W] and the new token's segment [B];
+// slots [0, used) are scored. Per row b, K/V head and query head g:
+//   s_j = q_g·K_j (−∞ where ring_segment[b, j] ≠ segment[b]),  s_own = q_g·k,  p = softmax([s, s_own]),
+//   y_g = Σ_j p_j V_j + p_own v                                                       → y [B, Hkv, G, hd]
+// Each K/V row is loaded once for several query heads; scores are split across threads by slots, the sums by blocks
+// of 64 columns. AVX-512 where the CPU has it and hd % 64 == 0, else the plain loops (compiled for this CPU). At
+// RecurrentGemma-2B's W = 2,048, G = 10, hd = 256 torch's two products took 0.30 ms on the Zen5 (~70 GFLOP/s:
+// benchmarks/NOTES.md, "Decode step on the Zen5").
+torch::Tensor attend_ring(const torch::Tensor& q_in, const torch::Tensor& k_in, const torch::Tensor& v_in,
+                          const torch::Tensor& ring_k_in, const torch::Tensor& ring_v_in,
+                          const torch::Tensor& ring_segment_in, const torch::Tensor& segment_in, int64_t used) {
+  for (const auto* t : {&q_in, &k_in, &v_in, &ring_k_in, &ring_v_in}) check_fp32(*t, "q, k, v and the ring");
+  TORCH_CHECK(q_in.dim() == 4 && ring_k_in.dim() == 4, "attend_ring: q must be [B, Hkv, G, hd] and the ring [B, Hkv, W, hd]");
+  const int64_t B = q_in.size(0), Hkv = q_in.size(1), G = q_in.size(2), hd = q_in.size(3), W = ring_k_in.size(2);
+  TORCH_CHECK(ring_k_in.size(0) == B && ring_k_in.size(1) == Hkv && ring_k_in.size(3) == hd &&
+                  ring_v_in.sizes() == ring_k_in.sizes() && k_in.numel() == B * Hkv * hd && v_in.numel() == B * Hkv * hd &&
+                  ring_segment_in.numel() == B * W && segment_in.numel() == B && used >= 0 && used <= W,
+              "attend_ring: q ", q_in.sizes(), ", ring ", ring_k_in.sizes(), " and segments ", ring_segment_in.sizes(),
+              " do not match (used = ", used, ")");
+  const auto q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
+  const auto ring_k = ring_k_in.contiguous(), ring_v = ring_v_in.contiguous();
+  const auto ring_segment = ring_segment_in.to(torch::kLong).contiguous(), segment = segment_in.to(torch::kLong).contiguous();
+  const int64_t S = used + 1;  // the scored slots, then the own key
+  auto scores = torch::empty({B, Hkv, G, S}, q.options());
+  const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
+  const float *rkp = ring_k.data_ptr<float>(), *rvp = ring_v.data_ptr<float>();
+  const int64_t *rsp = ring_segment.data_ptr<int64_t>(), *sgp = segment.data_ptr<int64_t>();
+  float* sp = scores.data_ptr<float>();
+  static const bool avx512 = kitelm::cpu_has_avx512();
+  const bool vector = avx512 && hd % 64 == 0;
+  constexpr int64_t kSlots = 64;  // slots per task
+  const int64_t blocks = (S + kSlots - 1) / kSlots;
+  at::parallel_for(0, B * Hkv * blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t bh = task / blocks, b = bh / Hkv, j0 = (task % blocks) * kSlots, j1 = std::min(S, j0 + kSlots);
+      for (int64_t j = j0; j < j1; ++j) {
+        const bool own = j == used;
+        const float* key = own ? kp + bh * hd : rkp + (bh * W + j) * hd;
+        float* out = sp + bh * G * S + j;  // column j of the [G, S] scores
+        if (!own && rsp[b * W + j] != sgp[b]) {
+          for (int64_t g = 0; g < G; ++g) out[g * S] = -INFINITY;
+          continue;
+        }
+        int64_t g = 0;
+#if KITELM_X86
+        for (; vector && g + 4 <= G; g += 4) dots16<4>(qp + (bh * G + g) * hd, hd, key, out + g * S, S);
+        for (; vector && g < G; ++g) dots16<1>(qp + (bh * G + g) * hd, hd, key, out + g * S, S);
+#endif
+        for (; g < G; ++g) {
+          const float* qg = qp + (bh * G + g) * hd;
+          float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+          for (int64_t d = 0; d < hd; ++d) acc += qg[d] * key[d];
+          out[g * S] = acc;
+        }
+      }
+    }
+  });
+  const auto p = at::_softmax(scores, -1, false);  // torch's vectorized softmax, as the twin
+  const float* pp = p.data_ptr<float>();
+  auto y = torch::empty({B, Hkv, G, hd}, q.options());
+  float* yp = y.data_ptr<float>();
+  constexpr int64_t kColumns = 64;  // columns of V per task
+  const int64_t col_blocks = (hd + kColumns - 1) / kColumns;
+  at::parallel_for(0, B * Hkv * col_blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t bh = task / col_blocks, d0 = (task % col_blocks) * kColumns, d1 = std::min(hd, d0 + kColumns);
+      for (int64_t g = 0; g < G; ++g) {
+        float* yg = yp + (bh * G + g) * hd;
+        const float* pg = pp + (bh * G + g) * S;
+        const float own = pg[used];
+        const float* value = vp + bh * hd;
+#pragma omp simd
+        for (int64_t d = d0; d < d1; ++d) yg[d] = own * value[d];
+      }
+      const float* values = rvp + bh * W * hd + d0;
+      const float* p_bh = pp + bh * G * S;
+      float* y_bh = yp + bh * G * hd + d0;
+      int64_t g = 0;
+#if KITELM_X86
+      for (; vector && g + 5 <= G; g += 5) sums64<5>(p_bh + g * S, S, values, used, hd, y_bh + g * hd);
+      for (; vector && g < G; ++g) sums64<1>(p_bh + g * S, S, values, used, hd, y_bh + g * hd);
+#endif
+      for (; g < G; ++g) {
+        for (int64_t j = 0; j < used; ++j) {
+          const float pj = p_bh[g * S + j];
+#pragma omp simd
+          for (int64_t d = 0; d < d1 - d0; ++d) y_bh[g * hd + d] += pj * values[j * hd + d];
+        }
+      }
+    }
+  });
+  return y;
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -191,4 +357,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, "RMSNorm of a few rows");
   m.def("conv1d_step", &conv1d_step, "one Conv1D time step, state updated in place");
   m.def("rglru_step", &rglru_step, "one RG-LRU time step");
+  m.def("attend_ring", &attend_ring, "softmax attention of one query token over a ring KV cache");
 }

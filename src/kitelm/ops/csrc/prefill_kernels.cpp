@@ -3,8 +3,8 @@
 // a 512-token RG-2B layer makes ~12 full passes over [T, 2560] fp32 tensors (sigmoid, exp, sqrt, where, muls) and
 // a thread barrier after each; here one pass per channel block reads x and the two gate pre-activations and writes
 // h, with h kept in L1. Per element, as the twin:
-//   i = σ(gx), r = σ(ga), log a = −c·r·softplus(a_param), a = exp(log a), m = ρ ? 1 : sqrt(1 − exp(2 log a))
-//   h ← (ρ ? 0 : a·h) + x·i·m
+//   i = σ(gx), r = σ(ga), log a = −c·softplus(a_param)·r, a = exp(log a), m = ρ ? 1 : sqrt(1 − exp(2 log a))
+//   h ← (ρ ? 0 : a·h) + x·i·m   (kitelm::rglru_update in kernel_common.h)
 // Two epilogues of the bf16 GEMM path, each one pass: `gelu_mul` (a GeGLU's gelu_tanh(a + b_a) · (b + b_b)
 // in fp32 from bf16 or fp32 products, written as bf16 for the next GEMM or as fp32; torch's tanh GeLU alone costs
 // ~5× a memory pass) and `add_bias_into` (a bf16 product → fp32 + bias, the cast and the bias add of every bf16
@@ -83,15 +83,7 @@ struct Scan {
 // Channels [l0, l1) of one time step in plain C++ (the portable path, and the AVX-512 path's leftover channels).
 inline void step_channels(const Scan& s, bool start, const float* x, const float* gx, const float* ga, float* h,
                           float* y, int64_t l0, int64_t l1) {
-  for (int64_t l = l0; l < l1; ++l) {
-    const float gate_x = 1.f / (1.f + std::exp(-gx[l]));
-    const float gate_a = 1.f / (1.f + std::exp(-ga[l]));
-    const float log_a = s.neg_c_softplus[l] * gate_a;
-    const float mult = start ? 1.f : std::sqrt(1.f - std::exp(2.f * log_a));
-    const float v = (start ? 0.f : std::exp(log_a) * h[l]) + x[l] * gate_x * mult;
-    h[l] = v;
-    y[l] = v;
-  }
+  for (int64_t l = l0; l < l1; ++l) y[l] = h[l] = kitelm::rglru_update(gx[l], ga[l], s.neg_c_softplus[l], x[l], h[l], start);
 }
 
 // Time step t of batch row b for the channels from l0 on (inside gate block l0 / bw): its reset and rows, each
@@ -118,49 +110,15 @@ void scan_portable(const Scan& s, int64_t b, int64_t l0, int64_t l1) {
 }
 
 #if KITELM_X86
-#define KITELM_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,fma")))
-
-KITELM_AVX512 inline __m512 exp16(__m512 x) {
-  // exp(±inf) and NaN: the clamp keeps NaN (min/max return their second operand when one is NaN) and maps ±inf to
-  // values whose exp is 0 / inf anyway.
-  x = _mm512_max_ps(_mm512_set1_ps(-104.f), _mm512_min_ps(_mm512_set1_ps(89.f), x));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
-  return _mm512_scalef_ps(p, n);
-}
-
-KITELM_AVX512 inline __m512 sigmoid16(__m512 g) {
-  const __m512 one = _mm512_set1_ps(1.f);
-  return _mm512_div_ps(one, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), g))));
-}
-
-KITELM_AVX512 void scan_avx512(const Scan& s, int64_t b, int64_t l0, int64_t l1) {
+KITELM_AVX512_FMA void scan_avx512(const Scan& s, int64_t b, int64_t l0, int64_t l1) {
   float* h = s.h + b * s.L;
   const int64_t l16 = l0 + (l1 - l0) / 16 * 16;
-  const __m512 one = _mm512_set1_ps(1.f);
   for (int64_t t = 0; t < s.T; ++t) {
     const auto [start, x, gx, ga, y] = step_rows(s, b, t, l0);
     for (int64_t l = l0; l < l16; l += 16) {
-      const __m512 gate_x = sigmoid16(_mm512_loadu_ps(gx + l));
-      const __m512 gate_a = sigmoid16(_mm512_loadu_ps(ga + l));
-      const __m512 log_a = _mm512_mul_ps(_mm512_loadu_ps(s.neg_c_softplus + l), gate_a);
-      const __m512 xin = _mm512_mul_ps(_mm512_loadu_ps(x + l), gate_x);
-      __m512 v;
-      if (start) {
-        v = xin;
-      } else {
-        const __m512 mult = _mm512_sqrt_ps(_mm512_sub_ps(one, exp16(_mm512_add_ps(log_a, log_a))));
-        v = _mm512_add_ps(_mm512_mul_ps(exp16(log_a), _mm512_loadu_ps(h + l)), _mm512_mul_ps(xin, mult));
-      }
+      const __m512 v = kitelm::rglru_update16(_mm512_loadu_ps(gx + l), _mm512_loadu_ps(ga + l),
+                                              _mm512_loadu_ps(s.neg_c_softplus + l), _mm512_loadu_ps(x + l),
+                                              _mm512_loadu_ps(h + l), start);
       _mm512_storeu_ps(h + l, v);
       _mm512_storeu_ps(y + l, v);
     }
@@ -168,13 +126,13 @@ KITELM_AVX512 void scan_avx512(const Scan& s, int64_t b, int64_t l0, int64_t l1)
   }
 }
 
-KITELM_AVX512 inline __m512 load16(const void* p, bool bf16, int64_t i) {
+KITELM_AVX512_FMA inline __m512 load16(const void* p, bool bf16, int64_t i) {
   if (!bf16) return _mm512_loadu_ps(static_cast<const float*>(p) + i);
   const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(p) + i));
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
 }
 
-KITELM_AVX512 inline void store16(void* p, bool bf16, int64_t i, __m512 v) {
+KITELM_AVX512_FMA inline void store16(void* p, bool bf16, int64_t i, __m512 v) {
   if (!bf16) return _mm512_storeu_ps(static_cast<float*>(p) + i, v);
   // round to nearest even in integer lanes, NaN kept quiet: float_to_bf16 sixteen at a time
   const __m512i u = _mm512_castps_si512(v);
@@ -186,7 +144,7 @@ KITELM_AVX512 inline void store16(void* p, bool bf16, int64_t i, __m512 v) {
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<uint16_t*>(p) + i), _mm512_cvtepi32_epi16(bits));
 }
 
-KITELM_AVX512 void epilogue_avx512(const Epilogue& e, bool gelu, int64_t r) {
+KITELM_AVX512_FMA void epilogue_avx512(const Epilogue& e, bool gelu, int64_t r) {
   const void* a = static_cast<const char*>(e.a) + r * e.a_stride * (e.a_bf16 ? 2 : 4);
   const void* b = gelu ? static_cast<const char*>(e.b) + r * e.b_stride * (e.b_bf16 ? 2 : 4) : nullptr;
   void* out = static_cast<char*>(e.out) + r * e.out_stride * (e.out_bf16 ? 2 : 4);
@@ -197,7 +155,7 @@ KITELM_AVX512 void epilogue_avx512(const Epilogue& e, bool gelu, int64_t r) {
     if (e.a_bias) v = _mm512_add_ps(v, _mm512_loadu_ps(e.a_bias + c));
     if (gelu) {
       const __m512 inner = _mm512_fmadd_ps(_mm512_mul_ps(cubic, v), _mm512_mul_ps(v, v), v);  // v + 0.044715 v³
-      const __m512 g = _mm512_div_ps(v, _mm512_add_ps(one, exp16(_mm512_mul_ps(k2, inner))));
+      const __m512 g = _mm512_div_ps(v, _mm512_add_ps(one, kitelm::exp16(_mm512_mul_ps(k2, inner))));
       __m512 w = load16(b, e.b_bf16, c);
       if (e.b_bias) w = _mm512_add_ps(w, _mm512_loadu_ps(e.b_bias + c));
       v = _mm512_mul_ps(g, w);
@@ -207,11 +165,6 @@ KITELM_AVX512 void epilogue_avx512(const Epilogue& e, bool gelu, int64_t r) {
   if (c < e.cols) epilogue_portable(e, gelu, r, c);  // fewer than 16 columns left
 }
 
-bool cpu_has_avx512() {
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-         __builtin_cpu_supports("avx512dq");
-}
 #endif
 
 void check_fp32(const torch::Tensor& t, const char* what) {
@@ -223,35 +176,31 @@ void check_fp32(const torch::Tensor& t, const char* what) {
 
 int64_t best_isa() {
 #if KITELM_X86
-  if (cpu_has_avx512()) return kAvx512;
+  if (kitelm::cpu_has_avx512()) return kAvx512;
 #endif
   return kScalar;
 }
 
-// x [B, T, L]; gx, ga [H, B·T, bw] (block-diagonal gate outputs incl. bias, before the sigmoid); a_param [L];
-// h0 [B, L] float32; reset [B, T] bool → (y [B, T, L], h_last [B, L]).
+// x [B, T, L]; gx, ga [H, B·T, bw] (block-diagonal gate outputs incl. bias, before the sigmoid); softplus_a [L] =
+// softplus(a_param) (torch's, as the twin); h0 [B, L] float32; reset [B, T] bool → (y [B, T, L], h_last [B, L]).
 std::vector<torch::Tensor> rglru_scan(const torch::Tensor& x_in, const torch::Tensor& gx_in, const torch::Tensor& ga_in,
-                                      const torch::Tensor& a_param_in, const torch::Tensor& h0_in,
+                                      const torch::Tensor& softplus_in, const torch::Tensor& h0_in,
                                       const torch::Tensor& reset_in, double c, int64_t isa) {
-  for (const auto* t : {&x_in, &gx_in, &ga_in, &a_param_in, &h0_in}) check_fp32(*t, "every input");
+  for (const auto* t : {&x_in, &gx_in, &ga_in, &softplus_in, &h0_in}) check_fp32(*t, "every input");
   TORCH_CHECK(x_in.dim() == 3 && gx_in.dim() == 3, "rglru_scan: x must be [B, T, L] and the gates [H, B·T, bw]");
   const int64_t B = x_in.size(0), T = x_in.size(1), L = x_in.size(2), H = gx_in.size(0), bw = gx_in.size(2);
-  TORCH_CHECK(H * bw == L && gx_in.size(1) == B * T && ga_in.sizes() == gx_in.sizes() && a_param_in.numel() == L &&
+  TORCH_CHECK(H * bw == L && gx_in.size(1) == B * T && ga_in.sizes() == gx_in.sizes() && softplus_in.numel() == L &&
                   h0_in.numel() == B * L && reset_in.numel() == B * T,
-              "rglru_scan: x ", x_in.sizes(), ", gates ", gx_in.sizes(), ", a_param ", a_param_in.sizes(), ", h0 ",
+              "rglru_scan: x ", x_in.sizes(), ", gates ", gx_in.sizes(), ", softplus_a ", softplus_in.sizes(), ", h0 ",
               h0_in.sizes(), " and reset ", reset_in.sizes(), " do not match");
   TORCH_CHECK(isa >= kScalar && isa <= best_isa() && isa != 1, "rglru_scan: isa ", isa, " is not available");
   const auto x = x_in.contiguous(), gx = gx_in.contiguous(), ga = ga_in.contiguous();
   const auto reset = reset_in.to(torch::kBool).contiguous();
-  auto a_param = a_param_in.contiguous();
-  auto neg = torch::empty({L}, a_param.options());
-  const float* pp = a_param.data_ptr<float>();
+  const auto softplus = softplus_in.contiguous();
+  auto neg = torch::empty({L}, softplus.options());
+  const float* sp = softplus.data_ptr<float>();
   float* np = neg.data_ptr<float>();
-  const float cf = static_cast<float>(c);
-  for (int64_t l = 0; l < L; ++l) {
-    const float p = pp[l];
-    np[l] = -cf * (p > 20.f ? p : std::log1p(std::exp(p)));  // torch's softplus threshold
-  }
+  for (int64_t l = 0; l < L; ++l) np[l] = static_cast<float>(-c) * sp[l];
   auto h = h0_in.reshape({B, L}).to(torch::kFloat, /*non_blocking=*/false, /*copy=*/true).contiguous();
   auto y = torch::empty({B, T, L}, x.options());
   Scan s{x.data_ptr<float>(), gx.data_ptr<float>(), ga.data_ptr<float>(), np, reset.data_ptr<bool>(),
