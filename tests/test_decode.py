@@ -14,6 +14,7 @@ from kitelm.presets import get_preset
 from kitelm.layers.conv1d import Conv1D
 from kitelm.layers.norms import RMSNorm
 from kitelm.layers.rglru import RGLRU
+from kitelm.layers.rope import RotaryEmbedding
 from kitelm.models import build_model
 from kitelm.ops import decode
 from kitelm.ops.extension import disabled_reason
@@ -88,6 +89,29 @@ def test_rglru_step_and_its_twin_match_the_scan(kernels, width, heads):
     block = width // heads  # the gates' block-diagonal reductions, then sigmoid/exp/sqrt and one step: depth 3
     for got, want in ((h_ref, expected_h), (y_ref, expected), (h, expected_h), (h[:, None], expected)):
         assert_fp32_close(got, want, terms=block, depth=3)
+
+
+@pytest.mark.parametrize("heads, head_dim, fraction", [(10, 256, 0.5), (3, 12, 1.0), (2, 10, 0.4)])
+def test_rope_kernel_matches_float64_rotation(kernels, heads, head_dim, fraction):
+    """`rope_rotate` (decoding's rotary embedding) against the rotation in float64 at the same float32 angles
+    θ = fl(pos · inv_freq), as both the kernel and the twin compute them: cos and sin within 1 ulp each and two
+    products and a sum give |error| ≤ 4u·(|x1| + |x2|) per rotated value, u = 2⁻²⁴; the other dims are copied exactly.
+    Positions include a large one (big angles) and a pad (−1, treated as 0); the layer takes the kernel in `pair`."""
+    rope = RotaryEmbedding(head_dim, 10_000.0, fraction)
+    q, k = torch.randn(3, heads, 1, head_dim), torch.randn(3, 1, 1, head_dim)
+    positions = torch.tensor([[7], [70_000], [-1]])
+    with torch.no_grad():
+        got_q, got_k = rope.pair(q, k, positions)
+        direct = kernels.rope_rotate(q, positions, rope.inv_freq(q.device))
+    assert torch.equal(got_q, direct)
+    angles = (positions.clamp(min=0).unsqueeze(-1).float() * rope.inv_freq(q.device)).double()[:, None]  # [B, 1, 1, r/2]
+    half = rope.rotated // 2
+    for got, x in ((got_q, q), (got_k, k)):
+        x = x.double()
+        x1, x2, rest = x[..., :half], x[..., half:2 * half], x[..., 2 * half:]
+        want = torch.cat((x1 * angles.cos() - x2 * angles.sin(), x2 * angles.cos() + x1 * angles.sin(), rest), -1)
+        bound = 4 * 2.0**-24 * torch.cat(((x1.abs() + x2.abs()),) * 2 + (torch.zeros_like(rest),), -1)
+        assert ((got.double() - want).abs() <= bound).all()
 
 
 def test_steps_take_the_kernels_only_where_they_apply(kernels, monkeypatch):

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..ops.decode import MAX_ROWS, row_kernels
+
 
 def default_positions(batch: int, length: int, device: torch.device) -> torch.Tensor:
     """positions [B, T] = 0..T−1 in every row: one unpadded document per row (a forward without `positions`)."""
@@ -26,6 +28,10 @@ class RotaryEmbedding(nn.Module):
     def pair(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Rotate queries and keys [B, H, T, hd] at positions [B, T] (negative = padding, treated as 0), computing cos
         and sin once."""
+        kernels = row_kernels(q) if positions.numel() <= MAX_ROWS and k.dtype == q.dtype and self.rotated else None
+        if kernels is not None:  # float32, ≤ 8 tokens (decoding): one C++ call each (ops/decode.py)
+            inv_freq = self.inv_freq(q.device)
+            return kernels.rope_rotate(q, positions, inv_freq), kernels.rope_rotate(k, positions, inv_freq)
         cos, sin = self.cos_sin(positions, q.dtype)
         return self.rotate(q, cos, sin), self.rotate(k, cos, sin)
 

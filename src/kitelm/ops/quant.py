@@ -208,16 +208,25 @@ def quantized_linear(x: Tensor, storage: Tensor, scales: Tensor | None, bias: Te
     out_dtype = out_dtype or x.dtype
     rows = x.numel() // max(x.shape[-1], 1)
     kernels = _kernels() if x.device.type == "cpu" and not torch.is_grad_enabled() else None
-    if kernels is not None and 1 <= rows <= gemv_rows(fmt):
-        xf = (x if x.dtype == torch.float32 else x.float()).reshape(rows, x.shape[-1])
-        b = None if bias is None else bias.float()
-        isa, int8_x = kernel_isa(), x_format() == "int8"
-        gemv = getattr(kernels, f"gemv_{fmt}")
-        parts = [gemv(xf[r:r + MAX_ROWS], storage, b, isa) if fmt == "bf16" else
-                 gemv(xf[r:r + MAX_ROWS], storage, scales, b, group, isa, int8_x) for r in range(0, rows, MAX_ROWS)]
-        y = (parts[0] if len(parts) == 1 else torch.cat(parts)).reshape(*x.shape[:-1], storage.shape[0])
-        return y if y.dtype == out_dtype else y.to(out_dtype)
-    return _tiled_linear(x, storage, scales, bias, fmt, group, out_dtype)
+    if kernels is None or not 1 <= rows <= gemv_rows(fmt):
+        return _tiled_linear(x, storage, scales, bias, fmt, group, out_dtype)
+    # the kernels take x [..., in] as it is (≤ MAX_ROWS rows) and return [..., out]; a decoding step makes ~170 of
+    # these calls, so the common case adds as little Python as it can
+    xf = x if x.dtype == torch.float32 else x.float()
+    b = bias if bias is None or bias.dtype == torch.float32 else bias.float()
+    isa = kernel_isa()
+    if fmt == "bf16":
+        gemv = lambda part: kernels.gemv_bf16(part, storage, b, isa)  # noqa: E731
+    else:
+        int8_x, gemv_int = x_format() == "int8", getattr(kernels, f"gemv_{fmt}")
+        gemv = lambda part: gemv_int(part, storage, scales, b, group, isa, int8_x)  # noqa: E731
+    if rows <= MAX_ROWS:
+        y = gemv(xf)
+    else:
+        flat = xf.reshape(rows, x.shape[-1])
+        y = torch.cat([gemv(flat[r:r + MAX_ROWS]) for r in range(0, rows, MAX_ROWS)])
+        y = y.reshape(*x.shape[:-1], storage.shape[0])
+    return y if y.dtype == out_dtype else y.to(out_dtype)
 
 
 def gemv_rows(fmt: str) -> int:
