@@ -1,15 +1,17 @@
 """Kernels for decoding: a few rows per call, fp32, on CPU, without autograd (csrc/decode_kernels.cpp).
 
 A batch-1 decoding step is bound by reading every weight once and by dispatching hundreds of tiny ops, not by
-FLOPs. Four kernels take those costs on: `small_linear` (a weight-streaming matrix-vector product split across
+FLOPs. Six kernels take those costs on: `small_linear` (a weight-streaming matrix-vector product split across
 threads, 1.5-3× faster than MKL's small-M GEMM on the AMD Zen3 but slower on the Intel Xeon, so on Intel CPUs
 `linear` leaves fp32 products to F.linear: benchmarks/NOTES.md), `rms_norm` (7 ops → 1; it also serves
-prefill-sized inputs, `row_kernels`), `conv1d_step` and `rglru_step` (one Conv1D / RG-LRU time step, ~20 ops → 1).
-Each is called by its layer (`linear` below, `RMSNorm.forward`, `Conv1D.step`, `RGLRU.step`) when `decode_kernels(x)`
-(or `row_kernels(x)`) says it applies; the layer's pure-torch twin (`F.linear`, `RMSNorm.forward_ref`,
-`Conv1D.step_ref`, `RGLRU.step_ref`) runs everywhere else (training, other dtypes and devices, machines where it
-does not build) and is the reference the kernels are tested against
-(tests/test_decode.py).
+prefill-sized inputs, `row_kernels`), `conv1d_step` and `rglru_step` (one Conv1D / RG-LRU time step, ~20 ops → 1),
+`rope_rotate` (the rotary embedding of ≤ 8 tokens, ~16 ops → 1) and `attend_ring` (one query token's softmax
+attention over a ring KV cache). Each is called by its layer (`linear` below, `RMSNorm.forward`, `Conv1D.step`,
+`RGLRU.step`, `RotaryEmbedding.pair`, `softmax_attend_one`) when `decode_kernels(x)` (or `row_kernels(x)`) says it
+applies; the layer's pure-torch twin (`F.linear`, `RMSNorm.forward_ref`, `Conv1D.step_ref`, `RGLRU.step_ref`,
+`RotaryEmbedding.rotate`, the ring's torch products) runs everywhere else (training, other dtypes and devices,
+machines where it does not build) and is the reference the kernels are tested against (tests/test_decode.py,
+tests/test_griffin.py).
 """
 
 from __future__ import annotations

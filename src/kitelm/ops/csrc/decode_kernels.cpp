@@ -1,12 +1,13 @@
 // Kernels for decoding (a few rows per call, fp32, no autograd), called from ops/decode.py and the layers; their
-// pure-torch twins are F.linear, RMSNorm.forward_ref (layers/norms.py), Conv1D.step_ref (layers/conv1d.py) and
-// RGLRU.step_ref (layers/rglru.py).
+// pure-torch twins are F.linear, RMSNorm.forward_ref (layers/norms.py), Conv1D.step_ref (layers/conv1d.py),
+// RGLRU.step_ref (layers/rglru.py), RotaryEmbedding.rotate (layers/rope.py) and the ring's torch products
+// (layers/local_attention.py, `_ring_softmax`).
 //
 // At batch 1 every op touches one row, so a decoding step costs (a) reading every weight once and (b) dispatching
 // hundreds of tiny ops. small_linear attacks (a): MKL's small-M GEMM streams weights well below DRAM speed; this
 // loop splits output rows across torch's threads and streams each weight row once for all rows of x.
-// rms_norm, conv1d_step and rglru_step attack (b): each replaces 7 to ~30 small ops by one pass. Measurements:
-// benchmarks/NOTES.md.
+// rms_norm, conv1d_step, rglru_step, rope_rotate and attend_ring attack (b): each replaces 7 to ~30 small ops by one
+// pass. Measurements: benchmarks/NOTES.md.
 #include <torch/extension.h>
 #include "kernel_common.h"
 #include <ATen/Parallel.h>
