@@ -62,8 +62,8 @@ KITELM_AVX512_FMA void dots16(const float* q, int64_t hd, const float* key, floa
 // Weighted sums over one block of 64 columns (y, values offset to it): y[g, :64] += Σ_j p[g, j] · V_j[:64] for NG
 // query heads, in 4·NG accumulators.
 template <int NG>
-KITELM_AVX512_FMA void sums64(const float* p, int64_t p_stride, const float* values, int64_t rows,
-                                            int64_t hd, float* y) {
+KITELM_AVX512_FMA void sums64(const float* p, int64_t p_stride, const float* values, int64_t rows, int64_t hd,
+                              float* y) {
   __m512 acc[NG][4];
 #pragma GCC unroll 8
   for (int g = 0; g < NG; ++g)
@@ -264,7 +264,7 @@ torch::Tensor rglru_step(const torch::Tensor& x_in, const torch::Tensor& wx_in, 
 //   y_g = Σ_j p_j V_j + p_own v                                                       → y [B, Hkv, G, hd]
 // Each K/V row is loaded once for several query heads; scores are split across threads by slots, the sums by blocks
 // of 64 columns. AVX-512 where the CPU has it and hd % 64 == 0, else the plain loops (compiled for this CPU). At
-// RecurrentGemma-2B's W = 2,048, G = 10, hd = 256 torch's two products took 0.30 ms on the Zen5 (~70 GFLOP/s:
+// RecurrentGemma-2B's W = 2,048, G = 10, hd = 256 torch's two products took 0.34 ms on the Zen5 (~70 GFLOP/s:
 // benchmarks/NOTES.md, "Decode step on the Zen5").
 torch::Tensor attend_ring(const torch::Tensor& q_in, const torch::Tensor& k_in, const torch::Tensor& v_in,
                           const torch::Tensor& ring_k_in, const torch::Tensor& ring_v_in,
