@@ -502,6 +502,94 @@ KITELM_INLINE void bf16_row_pair(const Problem& p, int64_t o, int64_t o2) {
   p.y[o2] = p.bias ? s1 + p.bias[o2] : s1;
 }
 
+// Output rows o0, o0 + gap, …, o0 + (O − 1)·gap for R rows of fp32 x: each x vector loaded once serves the O weight
+// rows. With 6-8 rows of x, x outgrows L1 (8 × 2,560 floats = 80 KiB) and is read from L2 once per output row: one
+// output row at a time, bf16 weights streamed at 11-17 GB/s there on the Zen5 against 41 at 4 rows and 35 at 8 rows
+// of a 1,024-wide x that fits (benchmarks/NOTES.md, "Decode step on the Zen5"); two output rows halve that traffic.
+template <class V, Fmt F, int R, int O, int U>
+KITELM_INLINE void fp32_rows(const Problem& p, int64_t o0, int64_t gap, float* const (&sb)[O]) {
+  using Fv = typename V::F;
+  constexpr int L = V::kLanes;
+  constexpr int64_t step = F == Fmt::int4 ? kBlock : L;  // weights per unit of work
+  const int64_t in = p.in;
+  int64_t rows[O];
+#pragma GCC unroll 2
+  for (int j = 0; j < O; ++j) {
+    rows[j] = o0 + j * gap;
+    if constexpr (F != Fmt::bf16) row_scales(p, rows[j], sb[j]);
+  }
+  Fv acc[O][R][U];
+#pragma GCC unroll 2
+  for (int j = 0; j < O; ++j)
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+      for (int u = 0; u < U; ++u) acc[j][r][u] = V::zero();
+  auto unit = [&](int64_t k, int u) __attribute__((always_inline)) {
+#if KITELM_PREFETCH
+#pragma GCC unroll 2
+    for (int j = 0; j < O; ++j)
+      __builtin_prefetch(static_cast<const char*>(p.w) + (rows[j] * in + k) * (F == Fmt::bf16 ? 2 : 1) /
+                             (F == Fmt::int4 ? 2 : 1) + KITELM_PREFETCH);
+#endif
+    if constexpr (F == Fmt::int4) {
+#pragma GCC unroll 2
+      for (int h = 0; h < 16 / L; ++h) {
+        Fv w0[O], w1[O];
+#pragma GCC unroll 2
+        for (int j = 0; j < O; ++j) {
+          const uint8_t* w = static_cast<const uint8_t*>(p.w) + rows[j] * (in / 2) + k / 2;
+          const float sf = sb[j][k >> p.shift];
+          const Fv s = V::set1(sf), minus8s = V::set1(-8.f * sf);  // ŵ = n·s − 8·s, exact in fp32
+          const typename V::I n = V::widen_u8(w + h * L);
+          w0[j] = V::fma(V::low_nibbles(n), s, minus8s);
+          w1[j] = V::fma(V::high_nibbles(n), s, minus8s);
+        }
+#pragma GCC unroll 8
+        for (int r = 0; r < R; ++r) {
+          const Fv x0 = V::loadf(p.x + r * in + k + h * L), x1 = V::loadf(p.x + r * in + k + 16 + h * L);
+#pragma GCC unroll 2
+          for (int j = 0; j < O; ++j) {
+            acc[j][r][u] = V::fma(w0[j], x0, acc[j][r][u]);
+            acc[j][r][u] = V::fma(w1[j], x1, acc[j][r][u]);
+          }
+        }
+      }
+    } else {
+      Fv wv[O];
+#pragma GCC unroll 2
+      for (int j = 0; j < O; ++j) {
+        if constexpr (F == Fmt::bf16) wv[j] = V::from_bf16(static_cast<const uint16_t*>(p.w) + rows[j] * in + k);
+        else wv[j] = V::mul(V::from_int8(static_cast<const int8_t*>(p.w) + rows[j] * in + k), V::set1(sb[j][k >> p.shift]));
+      }
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) {
+        const Fv xv = V::loadf(p.x + r * in + k);
+#pragma GCC unroll 2
+        for (int j = 0; j < O; ++j) acc[j][r][u] = V::fma(wv[j], xv, acc[j][r][u]);
+      }
+    }
+  };
+  int64_t i = 0;  // first weight not yet consumed
+  for (; i + step * U <= in; i += step * U) {
+#pragma GCC unroll 4
+    for (int u = 0; u < U; ++u) unit(i + step * u, u);
+  }
+  for (; i + step <= in; i += step) unit(i, 0);
+#pragma GCC unroll 2
+  for (int j = 0; j < O; ++j) {
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      Fv total = acc[j][r][0];
+#pragma GCC unroll 4
+      for (int u = 1; u < U; ++u) total = V::add(total, acc[j][r][u]);
+      float sum = V::hsum(total);
+      for (int64_t k = i; k < in; ++k) sum += weight_at(p, rows[j], k) * p.x[r * in + k];  // tail (< L weights)
+      p.y[r * p.out + rows[j]] = p.bias ? sum + p.bias[rows[j]] : sum;
+    }
+  }
+}
+
 template <class V, Fmt F, int R>
 KITELM_INLINE void rows_fp32(const Problem& p, int64_t begin, int64_t end) {
   if constexpr (F == Fmt::bf16 && R == 1) {  // rows paired across the two halves of the range, as in rows_int
@@ -509,63 +597,19 @@ KITELM_INLINE void rows_fp32(const Problem& p, int64_t begin, int64_t end) {
     for (int64_t i = 0; i < half; ++i) bf16_row_pair<V>(p, begin + i, begin + half + i);
     begin += 2 * half;
   }
-  using Fv = typename V::F;
-  constexpr int L = V::kLanes;
+  // two output rows per pass where the registers hold 2 × R accumulators (AVX-512's 32), taken from the two halves
+  // of [begin, end) as in rows_int: two DRAM streams per core
+  constexpr int O = V::kLanes == 16 && R >= 2 ? 2 : 1;
   constexpr int U = R == 1 ? 4 : (R == 2 ? 2 : 1);
-  constexpr int64_t step = F == Fmt::int4 ? kBlock : L;  // weights per unit of work
-  const int64_t in = p.in;
-  std::vector<float> scale_buffer(p.ngroups);
-  float* sb = scale_buffer.data();
-  for (int64_t o = begin; o < end; ++o) {
-    if constexpr (F != Fmt::bf16) row_scales(p, o, sb);
-    Fv acc[R][U];
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r)
-#pragma GCC unroll 4
-      for (int u = 0; u < U; ++u) acc[r][u] = V::zero();
-    auto unit = [&](int64_t k, int u) __attribute__((always_inline)) {
-#if KITELM_PREFETCH
-      __builtin_prefetch(static_cast<const char*>(p.w) + (o * in + k) * (F == Fmt::bf16 ? 2 : 1) / (F == Fmt::int4 ? 2 : 1) +
-                         KITELM_PREFETCH);
-#endif
-      if constexpr (F == Fmt::int4) {
-        const uint8_t* w = static_cast<const uint8_t*>(p.w) + o * (in / 2) + k / 2;
-        const float sf = sb[k >> p.shift];
-        const Fv s = V::set1(sf), minus8s = V::set1(-8.f * sf);  // ŵ = n·s − 8·s, exact in fp32
-#pragma GCC unroll 2
-        for (int h = 0; h < 16 / L; ++h) {
-          const typename V::I n = V::widen_u8(w + h * L);
-          const Fv w0 = V::fma(V::low_nibbles(n), s, minus8s), w1 = V::fma(V::high_nibbles(n), s, minus8s);
-#pragma GCC unroll 8
-          for (int r = 0; r < R; ++r) {
-            acc[r][u] = V::fma(w0, V::loadf(p.x + r * in + k + h * L), acc[r][u]);
-            acc[r][u] = V::fma(w1, V::loadf(p.x + r * in + k + 16 + h * L), acc[r][u]);
-          }
-        }
-      } else {
-        Fv wv;
-        if constexpr (F == Fmt::bf16) wv = V::from_bf16(static_cast<const uint16_t*>(p.w) + o * in + k);
-        else wv = V::mul(V::from_int8(static_cast<const int8_t*>(p.w) + o * in + k), V::set1(sb[k >> p.shift]));
-#pragma GCC unroll 8
-        for (int r = 0; r < R; ++r) acc[r][u] = V::fma(wv, V::loadf(p.x + r * in + k), acc[r][u]);
-      }
-    };
-    int64_t i = 0;  // first weight not yet consumed
-    for (; i + step * U <= in; i += step * U) {
-#pragma GCC unroll 4
-      for (int u = 0; u < U; ++u) unit(i + step * u, u);
-    }
-    for (; i + step <= in; i += step) unit(i, 0);
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) {
-      Fv total = acc[r][0];
-#pragma GCC unroll 4
-      for (int u = 1; u < U; ++u) total = V::add(total, acc[r][u]);
-      float sum = V::hsum(total);
-      for (int64_t k = i; k < in; ++k) sum += weight_at(p, o, k) * p.x[r * in + k];  // tail (< L weights)
-      p.y[r * p.out + o] = p.bias ? sum + p.bias[o] : sum;
-    }
+  std::vector<float> scale_buffer(2 * p.ngroups);
+  float* const sb2[2] = {scale_buffer.data(), scale_buffer.data() + p.ngroups};
+  float* const sb1[1] = {sb2[0]};
+  if constexpr (O == 2) {
+    const int64_t half = (end - begin) / 2;
+    for (int64_t i = 0; i < half; ++i) fp32_rows<V, F, R, 2, U>(p, begin + i, half, sb2);
+    begin += 2 * half;
   }
+  for (int64_t o = begin; o < end; ++o) fp32_rows<V, F, R, 1, U>(p, o, 1, sb1);
 }
 
 // The templates compiled for each ISA (flatten: the traits' functions are inlined into the target-specific body).
