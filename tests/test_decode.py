@@ -20,6 +20,8 @@ from kitelm.ops import decode
 from kitelm.ops.extension import disabled_reason
 from numerics import assert_fp32_close, matmul_bound, model_reductions
 
+ISAS = decode.available_isas()  # rglru_step's and attend_ring's paths this CPU runs
+
 
 @pytest.fixture(scope="module")
 def kernels():
@@ -73,9 +75,10 @@ def test_conv1d_step_and_its_twin_match_the_full_forward_and_update_the_state(ke
         assert_fp32_close(got, want, terms=4)  # 4 taps and a bias per output
 
 
-@pytest.mark.parametrize("width, heads", [(64, 1), (64, 4), (72, 2), (2048, 16)])  # blocks of 36: 2 × 16 channels
-# in vectors and 4 in scalar code; 16 blocks of 128: split over threads
-def test_rglru_step_and_its_twin_match_the_scan(kernels, width, heads):
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("width, heads", [(64, 1), (64, 4), (72, 2), (2048, 16)])  # blocks of 36: vectors of 16
+# (AVX-512) or 8 (AVX2) channels and 4 channels in scalar code; 16 blocks of 128: split over threads
+def test_rglru_step_and_its_twin_match_the_scan(kernels, width, heads, isa):
     lru = RGLRU(width, heads)
     for gate in (lru.input_gate, lru.a_gate):
         torch.nn.init.normal_(gate.b)
@@ -85,7 +88,7 @@ def test_rglru_step_and_its_twin_match_the_scan(kernels, width, heads):
         expected, expected_h = lru(x, segment_pos, h0)  # the scan path
         y_ref, h_ref = lru.step_ref(x, segment_pos, h0)
         h = kernels.rglru_step(x, lru.input_gate.w, lru.input_gate.b, lru.a_gate.w, lru.a_gate.b, F.softplus(lru.a_param), h0,
-                               segment_pos == 0, 8.0)
+                               segment_pos == 0, 8.0, decode.ISAS[isa])
     block = width // heads  # the gates' block-diagonal reductions, then sigmoid/exp/sqrt and one step: depth 3
     for got, want in ((h_ref, expected_h), (y_ref, expected), (h, expected_h), (h[:, None], expected)):
         assert_fp32_close(got, want, terms=block, depth=3)
@@ -119,6 +122,7 @@ def test_steps_take_the_kernels_only_where_they_apply(kernels, monkeypatch):
     conv, lru = Conv1D(16, 4), RGLRU(16, 2)
     x, pos = torch.randn(2, 1, 16), _resets(2)
     calls = []
+    decode.decode_isa()  # resolved once (cached) before the recorder counts calls
     monkeypatch.setattr(decode, "_kernels", lambda: _Recorder(kernels, calls))
     with torch.no_grad():
         conv.step(x, pos, torch.zeros(2, 3, 16))

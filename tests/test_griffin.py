@@ -17,6 +17,7 @@ from kitelm.layers import local_attention
 from kitelm.layers.local_attention import LocalAttention, RingKVCache
 from kitelm.models import build_model
 from kitelm.models.griffin import Griffin
+from kitelm.ops import decode
 from numerics import assert_fp32_close, model_reductions
 
 _one_thread = pytest.fixture(scope="module", autouse=True)(one_thread)
@@ -129,14 +130,16 @@ def test_exactly_causal_blocks_take_sdpa_is_causal(monkeypatch):
     assert_fp32_close(masked, sdpa(q, k, v, attn_mask=broken, enable_gqa=True), terms=5 + 8, depth=2)
 
 
+@pytest.mark.parametrize("isa", decode.available_isas() or ["plain"])  # attend_ring's paths (none built: the twin)
 @pytest.mark.parametrize("heads, kv_heads, hd, count", [(4, 1, 8, 9), (4, 2, 8, 9), (3, 3, 8, 9), (4, 1, 8, 3),
                                                       (10, 1, 64, 9), (7, 1, 128, 3)])
-def test_decoding_attention_matches_the_concatenating_sdpa_step(heads, kv_heads, hd, count):
+def test_decoding_attention_matches_the_concatenating_sdpa_step(heads, kv_heads, hd, count, isa, monkeypatch):
     """`softmax_attend_one` (ring and own key scored apart, no K/V repeat) against `attend_one` + SDPA, the path it
     replaces for fp32/fp64, over three steps: rows with empty slots, another document in the ring and a document
     start at the query; `count` 3: a ring that has not wrapped (only its first slots are scored). float64 pins the
-    maths; float32 (the `attend_ring` kernel: its AVX-512 loops where hd % 64 == 0, in blocks of 4 and 5 query heads
-    and single heads for the rest) stays within the rounding bound of its sums."""
+    maths; float32 (the `attend_ring` kernel on each path: its AVX2 / AVX-512 loops where hd % 64 == 0, in blocks of
+    2 to 5 query heads and single heads for the rest) stays within the rounding bound of its sums."""
+    monkeypatch.setenv("KITELM_DECODE_ISA", isa)
     window, batch = 6, 3
     gen = torch.Generator().manual_seed(0)
     attention = LocalAttention(heads * hd, heads, kv_heads, hd, window)

@@ -21,6 +21,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from kitelm import precision
 from kitelm.cli import main
 from kitelm.errors import CheckpointError, ConfigError, KitelmError
 from kitelm.models import build_model
@@ -101,13 +102,16 @@ def test_gemv_kernels_match_their_twin(kernels, isa, fmt, inp, group, x_format, 
 @pytest.mark.parametrize("fmt,inp,group", [("int8", 96, 32), ("int8", 91, 7), ("int4", 256, 64)])
 def test_int_weights_take_the_gemv_in_calls_of_eight_rows_up_to_sixteen(kernels, fmt, inp, group, monkeypatch):
     """9-16 rows of x against int8/int4 weights: GEMV calls of ≤ 8 rows (the GEMV twin holds), not the tiled GEMM
-    (which is never called); bf16 weights and 17 rows take the tiles."""
+    (which is never called); 17 rows take the tiles, and so do bf16 weights above 8 rows where bf16 is native."""
     _, storage, scales, bias = make(fmt, inp, group)
     tiled = []
     real_tiled = Q._tiled_linear
     monkeypatch.setattr(Q, "_tiled_linear", lambda *args: tiled.append(args[0].shape) or real_tiled(*args))
     check_gemv(fmt, inp, group, storage, scales, bias, rows_list=(9, 13, 16))
-    assert tiled == [] and Q.gemv_rows(fmt) == 16 and Q.gemv_rows("bf16") == Q.MAX_ROWS
+    assert tiled == [] and Q.gemv_rows(fmt) == 16
+    assert Q.gemv_rows("bf16") == 16  # conftest: no native bf16, so the tiles would be converted to fp32
+    monkeypatch.setattr(precision, "native_bf16", lambda device="cpu": True)
+    assert Q.gemv_rows("bf16") == Q.MAX_ROWS and Q.gemv_rows(fmt) == 16
     with torch.inference_mode():
         Q.quantized_linear(torch.randn(17, inp), storage, scales, bias, fmt, group)
     assert len(tiled) == 1

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops.decode import row_kernels
+from ..ops.decode import decode_isa, row_kernels
 from .linear import Linear
 from .rope import RotaryEmbedding
 from .state import LayerState
@@ -158,7 +158,7 @@ def softmax_attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segmen
     used = min(cache.count, cache.window)  # slots τ mod W of the tokens τ < count seen so far
     kernels = row_kernels(q) if cache.k.dtype == q.dtype else None
     if kernels is not None:  # the same sums in one C++ call (ops/decode.py): at W = 2,048, 0.34 → 0.10 ms a layer
-        y = kernels.attend_ring(qg, k, v, cache.k, cache.v, cache.segment, segment, used)
+        y = kernels.attend_ring(qg, k, v, cache.k, cache.v, cache.segment, segment, used, decode_isa())
     else:
         y = _ring_softmax(qg, k, v, cache, segment, used)
     cache.write(k, v, segment[:, None])

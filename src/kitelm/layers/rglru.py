@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops.decode import decode_kernels
+from ..ops.decode import decode_isa, decode_kernels
 from ..ops.prefill import prefill_isa, prefill_kernels
 from ..ops.scan import linear_scan
 
@@ -108,7 +108,7 @@ class RGLRU(nn.Module):
         kernels = decode_kernels(x)
         if kernels is not None:
             h = kernels.rglru_step(x, self.input_gate.w, self.input_gate.b, self.a_gate.w, self.a_gate.b,
-                                   F.softplus(self.a_param), h, segment_pos == 0, C)
+                                   F.softplus(self.a_param), h, segment_pos == 0, C, decode_isa())
             return h.unsqueeze(1), h
         return self.step_ref(x, segment_pos, h)
 

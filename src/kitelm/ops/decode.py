@@ -11,22 +11,26 @@ attention over a ring KV cache). Each is called by its layer (`linear` below, `R
 applies; the layer's pure-torch twin (`F.linear`, `RMSNorm.forward_ref`, `Conv1D.step_ref`, `RGLRU.step_ref`,
 `RotaryEmbedding.rotate`, the ring's torch products) runs everywhere else (training, other dtypes and devices,
 machines where it does not build) and is the reference the kernels are tested against (tests/test_decode.py,
-tests/test_griffin.py).
+tests/test_griffin.py). `rglru_step` and `attend_ring` run AVX-512 or AVX2 loops, whichever is the best the CPU has
+(`decode_isa`; `KITELM_DECODE_ISA=plain|avx2|avx512` forces one, as the tests do to check each path); the others are
+compiled for the build machine's CPU (-march=native).
 """
 
 from __future__ import annotations
 
 import functools
+import os
 from types import ModuleType
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .extension import CppExtension
+from .extension import CppExtension, isas_up_to, resolve_isa
 
 MAX_ROWS = 8  # above this, MKL's GEMM reuses each weight across rows better than the row-streaming loop
 EXTENSION = CppExtension("decode_kernels", fallback="decoding uses the pure-torch layers")
+ISAS = {"plain": 0, "avx2": 1, "avx512": 2}  # the vector paths of rglru_step and attend_ring
 
 
 def decode_kernels(x: Tensor) -> ModuleType | None:
@@ -65,6 +69,24 @@ def blas_streams_few_rows() -> bool:
     from ..precision import cpu_vendor
 
     return cpu_vendor() == "GenuineIntel"
+
+
+def decode_isa() -> int:
+    """The path of `rglru_step` and `attend_ring`: KITELM_DECODE_ISA (plain | avx2 | avx512) if set, else the fastest
+    this CPU runs."""
+    return _isa(os.environ.get("KITELM_DECODE_ISA", ""))
+
+
+@functools.cache
+def _isa(forced: str) -> int:
+    kernels = _kernels()
+    return resolve_isa("KITELM_DECODE_ISA", forced, ISAS, kernels.best_isa() if kernels is not None else 0)
+
+
+def available_isas() -> list[str]:
+    """The paths this CPU runs (tests run every one)."""
+    kernels = _kernels()
+    return isas_up_to(ISAS, kernels.best_isa() if kernels is not None else -1)
 
 
 @functools.cache

@@ -3,14 +3,15 @@
 `rglru_scan` fuses the RG-LRU's elementwise gate maths into its scan (one pass instead of ~12 torch ops, each with a
 thread barrier: benchmarks/NOTES.md, "Prefill at the GEMM bound"). `RGLRU.forward` calls it when
 `prefill_kernels(x)` says it applies; the pure-torch path (`RGLRU._gated` + `linear_scan`) runs everywhere else and
-is the twin the kernel is tested against (tests/test_prefill.py). Only the AVX-512 path is used by default: the
-portable C++ one (std::exp per element) is the reference form, slower than torch's vectorized ops.
-`KITELM_PREFILL_ISA=portable|avx512` forces one (tests), `KITELM_NO_CPP=1` turns the kernels off.
+is the twin the kernel is tested against (tests/test_prefill.py). The AVX-512 or AVX2 path is used by default, the
+best the CPU has; the portable C++ one (std::exp per element) is the reference form, slower than torch's vectorized
+ops, so without AVX2 the torch twins run. `KITELM_PREFILL_ISA=portable|avx2|avx512` forces one (tests),
+`KITELM_NO_CPP=1` turns the kernels off.
 
 Two epilogues of the bf16 GEMM path share the extension: `gelu_mul` (a GeGLU's gelu_tanh(a + b_a) · (b + b_b) in
 one pass, from bf16 GEMM outputs straight to the bf16 input of the next GEMM) and `add_bias_into` (a bf16 product
 into float32 y with its bias). Each has its pure-torch twin here (`gelu_mul_reference`, `add_bias_reference`), which
-runs wherever the kernels do not (other devices, autograd, CPUs without AVX-512).
+runs wherever the kernels do not (other devices, autograd, CPUs without AVX2).
 """
 
 from __future__ import annotations
@@ -25,14 +26,15 @@ from torch import Tensor
 
 from .extension import CppExtension, isas_up_to, resolve_isa
 
-ISAS = {"portable": 0, "avx512": 2}
+ISAS = {"portable": 0, "avx2": 1, "avx512": 2}
 EXTENSION = CppExtension("prefill_kernels", fallback="prefill uses the pure-torch RG-LRU",
-                         cflags=("-O3", "-fopenmp"))  # baseline x86-64: the AVX-512 path carries a target attribute
+                         cflags=("-O3", "-fopenmp"))  # baseline x86-64: the vector paths carry target attributes
 
 
 def prefill_kernels(x: Tensor) -> ModuleType | None:
     """The compiled kernels if `x [B, T, L]` is a float32 CPU input of more than one token, no gradient is being
-    recorded, CPU autocast is off and a path applies (AVX-512, or one forced by KITELM_PREFILL_ISA); otherwise None."""
+    recorded, CPU autocast is off and a path applies (AVX2 or AVX-512, or one forced by KITELM_PREFILL_ISA);
+    otherwise None."""
     if (x.dim() != 3 or x.shape[1] < 2 or x.dtype != torch.float32 or x.device.type != "cpu" or torch.is_grad_enabled()
             or torch.is_autocast_enabled("cpu")):  # autocast would hand the kernel bf16 gate matmuls
         return None
@@ -49,10 +51,10 @@ def epilogue_kernels(*tensors: Tensor) -> ModuleType | None:
 
 
 def _kernels_with_a_path() -> ModuleType | None:
-    """The compiled kernels where a path applies: AVX-512 (the portable one is slower than torch), or one forced by
-    KITELM_PREFILL_ISA."""
+    """The compiled kernels where a path applies: AVX2 or AVX-512 (the portable one is slower than torch), or one
+    forced by KITELM_PREFILL_ISA."""
     kernels = _kernels()
-    if kernels is None or (not os.environ.get("KITELM_PREFILL_ISA") and kernels.best_isa() < ISAS["avx512"]):
+    if kernels is None or (not os.environ.get("KITELM_PREFILL_ISA") and kernels.best_isa() < ISAS["avx2"]):
         return None
     return kernels
 

@@ -12,7 +12,7 @@ Formats (the stored form of a Linear weight W [out, in]; activations, biases and
 The scale is rounded to bf16 *before* q is computed, so ŵ = q·s is exactly what the kernels reconstruct and the only
 error is the rounding of W/s: |W − ŵ| ≤ s/2 per weight (plus s·2⁻⁸·qmax where bf16 rounded s down and q clipped).
 
-`quantized_linear` picks the path: for 1-8 rows of x (int8/int4: 1-16, in calls of ≤ 8), the C++ GEMV (AVX-512
+`quantized_linear` picks the path: for 1-8 rows of x (int8/int4, and bf16 without native bf16: 1-16, in calls of ≤ 8), the C++ GEMV (AVX-512
 VNNI, AVX-512, AVX2 or portable C++, chosen at run time; `KITELM_QUANT_ISA=portable|avx2|avx512|avx512vnni` forces
 one); above that, tiles of Ŵ dequantized into the compute dtype (bf16 where the CPU has native bf16, else fp32; csrc/dequant_kernels.cpp) and
 that dtype's GEMM (bf16 weights on a bf16 machine: one GEMM on the stored matrix).
@@ -230,8 +230,13 @@ def quantized_linear(x: Tensor, storage: Tensor, scales: Tensor | None, bias: Te
 
 
 def gemv_rows(fmt: str) -> int:
-    """The most rows of x that `quantized_linear` multiplies by the GEMV (with the extension built) for `fmt`."""
-    return MAX_ROWS if fmt == "bf16" else CHUNKED_GEMV_ROWS
+    """The most rows of x that `quantized_linear` multiplies by the GEMV (with the extension built) for `fmt`. bf16
+    weights on a CPU with native bf16 take its GEMM above MAX_ROWS; elsewhere the tiled path would first convert
+    every weight to fp32 tiles (RG-2B at batch 16 on the AVX2 Zen3: 4.8 tok/s, against 13 at batch 8), so they take
+    the GEMV in calls of MAX_ROWS up to CHUNKED_GEMV_ROWS, as int8/int4 do."""
+    from ..precision import native_bf16
+
+    return MAX_ROWS if fmt == "bf16" and native_bf16() else CHUNKED_GEMV_ROWS
 
 
 def _tiled_linear(x: Tensor, storage: Tensor, scales: Tensor | None, bias: Tensor | None, fmt: str,

@@ -22,69 +22,140 @@ void check_fp32(const torch::Tensor& t, const char* what) {
               " must be a float32 CPU tensor");
 }
 
+// The vector path of rglru_step and attend_ring: 0 = plain C++ loops, 1 = AVX2 + FMA, 2 = AVX-512 (the fastest
+// this CPU runs unless the caller forces a lower one, as tests do to check every path on one machine).
+constexpr int kPlain = 0, kAvx2 = 1, kAvx512 = 2;
+
+int best_isa() {
 #if KITELM_X86
-// `rglru_update16` over the first bw / 16 · 16 channels of one row of a gate block; returns how many it did.
-KITELM_AVX512_FMA int64_t update16(const float* gx, const float* ga, const float* neg, const float* x, const float* h,
-                                   float* out, int64_t bw, bool start) {
+  if (kitelm::cpu_has_avx512()) return kAvx512;
+  if (kitelm::cpu_has_avx2()) return kAvx2;
+#endif
+  return kPlain;
+}
+
+int checked_isa(int64_t isa, const char* name) {
+  TORCH_CHECK(isa >= kPlain && isa <= best_isa(), name, ": isa ", isa, " is not available on this CPU (best ",
+              best_isa(), ")");
+  return static_cast<int>(isa);
+}
+
+#if KITELM_X86
+using kitelm::F32x16;
+using kitelm::F32x8;
+
+// `rglru_update_v` over the first bw / L · L channels of one row of a gate block; returns how many it did.
+template <class V>
+KITELM_INLINE int64_t update_v(const float* gx, const float* ga, const float* neg, const float* x, const float* h,
+                               float* out, int64_t bw, bool start) {
+  constexpr int L = V::kLanes;
   int64_t j = 0;
-  for (; j + 16 <= bw; j += 16)
-    _mm512_storeu_ps(out + j, kitelm::rglru_update16(_mm512_loadu_ps(gx + j), _mm512_loadu_ps(ga + j),
-                                                     _mm512_loadu_ps(neg + j), _mm512_loadu_ps(x + j),
-                                                     _mm512_loadu_ps(h + j), start));
+  for (; j + L <= bw; j += L)
+    V::store(out + j, kitelm::rglru_update_v<V>(V::load(gx + j), V::load(ga + j), V::load(neg + j), V::load(x + j),
+                                                V::load(h + j), start));
   return j;
 }
 
-// attend_ring's two loops in AVX-512 (hd % 64 == 0). Scores: NG query heads against one key, two accumulators each
+// attend_ring's two loops in vectors (hd % 64 == 0). Scores: NG query heads against one key, two accumulators each
 // (2·NG independent FMA chains: with one chain per dot, the compiled loop waited on the FMA latency).
-template <int NG>
-KITELM_AVX512_FMA void dots16(const float* q, int64_t hd, const float* key, float* out, int64_t stride) {
-  __m512 acc[NG][2];
+template <class V, int NG>
+KITELM_INLINE void dots_v(const float* q, int64_t hd, const float* key, float* out, int64_t stride) {
+  constexpr int L = V::kLanes;
+  typename V::F acc[NG][2];
 #pragma GCC unroll 8
-  for (int g = 0; g < NG; ++g) acc[g][0] = acc[g][1] = _mm512_setzero_ps();
-  int64_t d = 0;
-  for (; d + 32 <= hd; d += 32) {
-    const __m512 k0 = _mm512_loadu_ps(key + d), k1 = _mm512_loadu_ps(key + d + 16);
+  for (int g = 0; g < NG; ++g) acc[g][0] = acc[g][1] = V::zero();
+  for (int64_t d = 0; d < hd; d += 2 * L) {
+    const typename V::F k0 = V::load(key + d), k1 = V::load(key + d + L);
 #pragma GCC unroll 8
     for (int g = 0; g < NG; ++g) {
-      acc[g][0] = _mm512_fmadd_ps(_mm512_loadu_ps(q + g * hd + d), k0, acc[g][0]);
-      acc[g][1] = _mm512_fmadd_ps(_mm512_loadu_ps(q + g * hd + d + 16), k1, acc[g][1]);
+      acc[g][0] = V::fma(V::load(q + g * hd + d), k0, acc[g][0]);
+      acc[g][1] = V::fma(V::load(q + g * hd + d + L), k1, acc[g][1]);
     }
   }
-  if (d < hd) {
-    const __m512 k0 = _mm512_loadu_ps(key + d);
 #pragma GCC unroll 8
-    for (int g = 0; g < NG; ++g) acc[g][0] = _mm512_fmadd_ps(_mm512_loadu_ps(q + g * hd + d), k0, acc[g][0]);
-  }
-#pragma GCC unroll 8
-  for (int g = 0; g < NG; ++g) out[g * stride] = _mm512_reduce_add_ps(_mm512_add_ps(acc[g][0], acc[g][1]));
+  for (int g = 0; g < NG; ++g) out[g * stride] = V::hsum(V::add(acc[g][0], acc[g][1]));
 }
 
-// Weighted sums over one block of 64 columns (y, values offset to it): y[g, :64] += Σ_j p[g, j] · V_j[:64] for NG
-// query heads, in 4·NG accumulators.
-template <int NG>
-KITELM_AVX512_FMA void sums64(const float* p, int64_t p_stride, const float* values, int64_t rows, int64_t hd,
-                              float* y) {
-  __m512 acc[NG][4];
+// Weighted sums over 4·L columns (y, values offset to them): y[g, :4L] += Σ_j p[g, j] · V_j[:4L] for NG query heads,
+// in 4·NG accumulators.
+template <class V, int NG>
+KITELM_INLINE void sums_v(const float* p, int64_t p_stride, const float* values, int64_t rows, int64_t hd, float* y) {
+  constexpr int L = V::kLanes;
+  typename V::F acc[NG][4];
 #pragma GCC unroll 8
   for (int g = 0; g < NG; ++g)
 #pragma GCC unroll 4
-    for (int c = 0; c < 4; ++c) acc[g][c] = _mm512_loadu_ps(y + g * hd + 16 * c);
+    for (int c = 0; c < 4; ++c) acc[g][c] = V::load(y + g * hd + L * c);
   for (int64_t j = 0; j < rows; ++j) {
     const float* vj = values + j * hd;
-    __m512 v[4];
+    typename V::F v[4];
 #pragma GCC unroll 4
-    for (int c = 0; c < 4; ++c) v[c] = _mm512_loadu_ps(vj + 16 * c);
+    for (int c = 0; c < 4; ++c) v[c] = V::load(vj + L * c);
 #pragma GCC unroll 8
     for (int g = 0; g < NG; ++g) {
-      const __m512 pj = _mm512_set1_ps(p[g * p_stride + j]);
+      const typename V::F pj = V::set1(p[g * p_stride + j]);
 #pragma GCC unroll 4
-      for (int c = 0; c < 4; ++c) acc[g][c] = _mm512_fmadd_ps(pj, v[c], acc[g][c]);
+      for (int c = 0; c < 4; ++c) acc[g][c] = V::fma(pj, v[c], acc[g][c]);
     }
   }
 #pragma GCC unroll 8
   for (int g = 0; g < NG; ++g)
 #pragma GCC unroll 4
-    for (int c = 0; c < 4; ++c) _mm512_storeu_ps(y + g * hd + 16 * c, acc[g][c]);
+    for (int c = 0; c < 4; ++c) V::store(y + g * hd + L * c, acc[g][c]);
+}
+
+// Per ISA: the heads one dots_v / sums_v call takes (NG·2 and NG·4 + 5 of AVX2's 16 and AVX-512's 32 registers).
+template <class V> struct AttendGroups;
+template <> struct AttendGroups<F32x8> { static constexpr int dots = 4, sums = 2; };
+template <> struct AttendGroups<F32x16> { static constexpr int dots = 4, sums = 5; };
+
+// Query heads [0, G) of one K/V head: scores against one key (column `out` of the [G, S] scores) ...
+template <class V>
+KITELM_INLINE void score_heads(const float* q, int64_t G, int64_t hd, const float* key, float* out, int64_t S) {
+  constexpr int N = AttendGroups<V>::dots;
+  int64_t g = 0;
+  for (; g + N <= G; g += N) dots_v<V, N>(q + g * hd, hd, key, out + g * S, S);
+  for (; g < G; ++g) dots_v<V, 1>(q + g * hd, hd, key, out + g * S, S);
+}
+
+// ... and the sums over one block of 64 columns.
+template <class V>
+KITELM_INLINE void sum_heads(const float* p, int64_t S, const float* values, int64_t used, int64_t G, int64_t hd,
+                             float* y) {
+  constexpr int N = AttendGroups<V>::sums, C = 4 * V::kLanes;
+  for (int64_t d = 0; d < 64; d += C) {
+    int64_t g = 0;
+    for (; g + N <= G; g += N) sums_v<V, N>(p + g * S, S, values + d, used, hd, y + g * hd + d);
+    for (; g < G; ++g) sums_v<V, 1>(p + g * S, S, values + d, used, hd, y + g * hd + d);
+  }
+}
+
+// The target-specific bodies (flatten: the traits' functions are inlined into them).
+#define KITELM_FLATTEN __attribute__((flatten))
+KITELM_AVX2_FMA KITELM_FLATTEN int64_t update_avx2(const float* gx, const float* ga, const float* neg, const float* x,
+                                                   const float* h, float* out, int64_t bw, bool start) {
+  return update_v<F32x8>(gx, ga, neg, x, h, out, bw, start);
+}
+KITELM_AVX512_FMA KITELM_FLATTEN int64_t update_avx512(const float* gx, const float* ga, const float* neg,
+                                                       const float* x, const float* h, float* out, int64_t bw,
+                                                       bool start) {
+  return update_v<F32x16>(gx, ga, neg, x, h, out, bw, start);
+}
+KITELM_AVX2_FMA KITELM_FLATTEN void score_avx2(const float* q, int64_t G, int64_t hd, const float* key, float* out,
+                                               int64_t S) {
+  score_heads<F32x8>(q, G, hd, key, out, S);
+}
+KITELM_AVX512_FMA KITELM_FLATTEN void score_avx512(const float* q, int64_t G, int64_t hd, const float* key, float* out,
+                                                   int64_t S) {
+  score_heads<F32x16>(q, G, hd, key, out, S);
+}
+KITELM_AVX2_FMA KITELM_FLATTEN void sum_avx2(const float* p, int64_t S, const float* values, int64_t used, int64_t G,
+                                             int64_t hd, float* y) {
+  sum_heads<F32x8>(p, S, values, used, G, hd, y);
+}
+KITELM_AVX512_FMA KITELM_FLATTEN void sum_avx512(const float* p, int64_t S, const float* values, int64_t used,
+                                                 int64_t G, int64_t hd, float* y) {
+  sum_heads<F32x16>(p, S, values, used, G, hd, y);
 }
 
 #endif
@@ -197,12 +268,13 @@ torch::Tensor conv1d_step(const torch::Tensor& x_in, const torch::Tensor& w_in, 
 //   gx = b_x + Σ_i x[n, i]·w_x[n, i, j],  ga = b_a + Σ_i x[n, i]·w_a[n, i, j]      (the block-diagonal gate layers)
 //   then `kitelm::rglru_update` (kernel_common.h) with neg = −c·softplus_a:  returns the new h [B, L]
 // x [B, L]; w_x, w_a [H, bw, bw] ([in, out] per block); b_x, b_a [H, bw]; softplus_a [L] = softplus(a_param) (torch's,
-// as the twin); h [B, L]; reset [B] bool. The update runs 16 channels at a time where the CPU has AVX-512
-// (`rglru_update16`, exp16 for exp): per channel it is 5 exps and a sqrt, ~40 ns in scalar code, which was most
-// of the step (benchmarks/NOTES.md, "Decode step on the Zen5").
+// as the twin); h [B, L]; reset [B] bool; isa as best_isa. The update runs a vector of channels at a time on the
+// AVX2 and AVX-512 paths (`rglru_update_v`, exp_v for exp): per channel it is 5 exps and a sqrt, ~40 ns in scalar
+// code, which was most of the step (benchmarks/NOTES.md, "Decode step on the Zen5", "AVX2 Zen3").
 torch::Tensor rglru_step(const torch::Tensor& x_in, const torch::Tensor& wx_in, const torch::Tensor& bx_in,
                          const torch::Tensor& wa_in, const torch::Tensor& ba_in, const torch::Tensor& softplus_in,
-                         const torch::Tensor& h_in, const torch::Tensor& reset_in, double c) {
+                         const torch::Tensor& h_in, const torch::Tensor& reset_in, double c, int64_t isa_in) {
+  const int isa = checked_isa(isa_in, "rglru_step");
   for (const auto* t : {&x_in, &wx_in, &bx_in, &wa_in, &ba_in, &softplus_in, &h_in}) check_fp32(*t, "every RG-LRU input");
   const int64_t H = wx_in.size(0), bw = wx_in.size(1), L = H * bw, B = h_in.numel() / L;
   TORCH_CHECK(softplus_in.numel() == L && x_in.numel() == B * L && reset_in.numel() == B && wa_in.sizes() == wx_in.sizes(),
@@ -217,7 +289,6 @@ torch::Tensor rglru_step(const torch::Tensor& x_in, const torch::Tensor& wx_in, 
   const bool* rp = reset.data_ptr<bool>();
   float* op = out.data_ptr<float>();
   const float neg_c = static_cast<float>(-c);
-  static const bool avx512 = kitelm::cpu_has_avx512();
   // Parallel over gate blocks, rows of x inside: each block's two [bw, bw] matrices (2·bw²·4 bytes, 512 KiB at
   // RG-2B's bw = 256) are read from memory once and stay in L2 for the other rows. At least ~1 MiB per task, so a
   // layer of small blocks stays on one thread.
@@ -247,7 +318,8 @@ torch::Tensor rglru_step(const torch::Tensor& x_in, const torch::Tensor& wx_in, 
         }
         int64_t j = 0;
 #if KITELM_X86
-        if (avx512) j = update16(gxd, gad, neg.data(), xn, hn, on, bw, start);
+        if (isa == kAvx512) j = update_avx512(gxd, gad, neg.data(), xn, hn, on, bw, start);
+        if (isa == kAvx2) j = update_avx2(gxd, gad, neg.data(), xn, hn, on, bw, start);
 #endif
         for (; j < bw; ++j) on[j] = kitelm::rglru_update(gxd[j], gad[j], neg[j], xn[j], hn[j], start);
       }
@@ -263,12 +335,14 @@ torch::Tensor rglru_step(const torch::Tensor& x_in, const torch::Tensor& wx_in, 
 //   s_j = q_g·K_j (−∞ where ring_segment[b, j] ≠ segment[b]),  s_own = q_g·k,  p = softmax([s, s_own]),
 //   y_g = Σ_j p_j V_j + p_own v                                                       → y [B, Hkv, G, hd]
 // Each K/V row is loaded once for several query heads; scores are split across threads by slots, the sums by blocks
-// of 64 columns. AVX-512 where the CPU has it and hd % 64 == 0, else the plain loops (compiled for this CPU). At
+// of 64 columns. The AVX2 / AVX-512 loops (`isa`) where hd % 64 == 0, else the plain ones (compiled for this CPU). At
 // RecurrentGemma-2B's W = 2,048, G = 10, hd = 256 torch's two products took 0.34 ms on the Zen5 (~70 GFLOP/s:
 // benchmarks/NOTES.md, "Decode step on the Zen5").
 torch::Tensor attend_ring(const torch::Tensor& q_in, const torch::Tensor& k_in, const torch::Tensor& v_in,
                           const torch::Tensor& ring_k_in, const torch::Tensor& ring_v_in,
-                          const torch::Tensor& ring_segment_in, const torch::Tensor& segment_in, int64_t used) {
+                          const torch::Tensor& ring_segment_in, const torch::Tensor& segment_in, int64_t used,
+                          int64_t isa_in) {
+  const int isa = checked_isa(isa_in, "attend_ring");
   for (const auto* t : {&q_in, &k_in, &v_in, &ring_k_in, &ring_v_in}) check_fp32(*t, "q, k, v and the ring");
   TORCH_CHECK(q_in.dim() == 4 && ring_k_in.dim() == 4, "attend_ring: q must be [B, Hkv, G, hd] and the ring [B, Hkv, W, hd]");
   const int64_t B = q_in.size(0), Hkv = q_in.size(1), G = q_in.size(2), hd = q_in.size(3), W = ring_k_in.size(2);
@@ -286,8 +360,7 @@ torch::Tensor attend_ring(const torch::Tensor& q_in, const torch::Tensor& k_in, 
   const float *rkp = ring_k.data_ptr<float>(), *rvp = ring_v.data_ptr<float>();
   const int64_t *rsp = ring_segment.data_ptr<int64_t>(), *sgp = segment.data_ptr<int64_t>();
   float* sp = scores.data_ptr<float>();
-  static const bool avx512 = kitelm::cpu_has_avx512();
-  const bool vector = avx512 && hd % 64 == 0;
+  const int vector = hd % 64 == 0 ? isa : kPlain;
   constexpr int64_t kSlots = 64;  // slots per task
   const int64_t blocks = (S + kSlots - 1) / kSlots;
   at::parallel_for(0, B * Hkv * blocks, 1, [&](int64_t begin, int64_t end) {
@@ -301,12 +374,17 @@ torch::Tensor attend_ring(const torch::Tensor& q_in, const torch::Tensor& k_in, 
           for (int64_t g = 0; g < G; ++g) out[g * S] = -INFINITY;
           continue;
         }
-        int64_t g = 0;
 #if KITELM_X86
-        for (; vector && g + 4 <= G; g += 4) dots16<4>(qp + (bh * G + g) * hd, hd, key, out + g * S, S);
-        for (; vector && g < G; ++g) dots16<1>(qp + (bh * G + g) * hd, hd, key, out + g * S, S);
+        if (vector == kAvx512) {
+          score_avx512(qp + bh * G * hd, G, hd, key, out, S);
+          continue;
+        }
+        if (vector == kAvx2) {
+          score_avx2(qp + bh * G * hd, G, hd, key, out, S);
+          continue;
+        }
 #endif
-        for (; g < G; ++g) {
+        for (int64_t g = 0; g < G; ++g) {
           const float* qg = qp + (bh * G + g) * hd;
           float acc = 0.f;
 #pragma omp simd reduction(+ : acc)
@@ -336,12 +414,17 @@ torch::Tensor attend_ring(const torch::Tensor& q_in, const torch::Tensor& k_in, 
       const float* values = rvp + bh * W * hd + d0;
       const float* p_bh = pp + bh * G * S;
       float* y_bh = yp + bh * G * hd + d0;
-      int64_t g = 0;
 #if KITELM_X86
-      for (; vector && g + 5 <= G; g += 5) sums64<5>(p_bh + g * S, S, values, used, hd, y_bh + g * hd);
-      for (; vector && g < G; ++g) sums64<1>(p_bh + g * S, S, values, used, hd, y_bh + g * hd);
+      if (vector == kAvx512) {
+        sum_avx512(p_bh, S, values, used, G, hd, y_bh);
+        continue;
+      }
+      if (vector == kAvx2) {
+        sum_avx2(p_bh, S, values, used, G, hd, y_bh);
+        continue;
+      }
 #endif
-      for (; g < G; ++g) {
+      for (int64_t g = 0; g < G; ++g) {
         for (int64_t j = 0; j < used; ++j) {
           const float pj = p_bh[g * S + j];
 #pragma omp simd
@@ -401,4 +484,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rglru_step", &rglru_step, "one RG-LRU time step");
   m.def("rope_rotate", &rope_rotate, "rotary embedding of a few tokens (rotate-half layout)");
   m.def("attend_ring", &attend_ring, "softmax attention of one query token over a ring KV cache");
+  m.def("best_isa", &best_isa, "0 plain loops, 1 AVX2+FMA, 2 AVX-512: rglru_step's and attend_ring's fastest path");
 }

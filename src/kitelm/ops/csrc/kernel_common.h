@@ -1,7 +1,8 @@
 // What the C++ extensions of this folder share: x86 detection (with <immintrin.h>), KITELM_INLINE, the -Wpsabi note,
-// bfloat16 ↔ float32 as bit patterns, and the RG-LRU's per-channel update (scalar, and 16 channels in AVX-512 with
-// its exp). Each source includes it; the build key in kitelm/ops/extension.py hashes this header with the compiler
-// flags, so a change here rebuilds every extension.
+// bfloat16 ↔ float32 as bit patterns, fp32 vector traits for AVX2 (F32x8) and AVX-512 (F32x16), and the RG-LRU's
+// per-channel update (scalar, and a vector of channels with its exp, over either traits). Each source includes it;
+// the build key in kitelm/ops/extension.py hashes this header with the compiler flags, so a change here rebuilds
+// every extension.
 #pragma once
 #include <cmath>
 #include <cstdint>
@@ -60,43 +61,109 @@ inline bool cpu_has_avx512() {
 }  // namespace kitelm
 
 #if KITELM_X86
+#define KITELM_AVX2_FMA __attribute__((target("avx2,fma")))
 #define KITELM_AVX512_FMA __attribute__((target("avx512f,avx512bw,avx512dq,fma")))
 
 namespace kitelm {
 
-// exp of 16 floats: Cody-Waite reduction, a degree-6 polynomial, VSCALEFPS; within ~2 ulp of expf. exp(±inf) and NaN:
+inline bool cpu_has_avx2() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+}
+
+// One vector of fp32 lanes per ISA: what the shared elementwise maths below (exp, σ, the RG-LRU update) and the
+// decode/prefill loops over them need. `ldexp(p, n)` = p·2ⁿ for integral n in [−150, 128] (the range exp_v gives).
+struct F32x8 {  // AVX2 + FMA
+  using F = __m256;
+  static constexpr int kLanes = 8;
+  KITELM_AVX2_FMA static F load(const float* p) { return _mm256_loadu_ps(p); }
+  KITELM_AVX2_FMA static void store(float* p, F v) { _mm256_storeu_ps(p, v); }
+  KITELM_AVX2_FMA static F set1(float v) { return _mm256_set1_ps(v); }
+  KITELM_AVX2_FMA static F zero() { return _mm256_setzero_ps(); }
+  KITELM_AVX2_FMA static F add(F a, F b) { return _mm256_add_ps(a, b); }
+  KITELM_AVX2_FMA static F sub(F a, F b) { return _mm256_sub_ps(a, b); }
+  KITELM_AVX2_FMA static F mul(F a, F b) { return _mm256_mul_ps(a, b); }
+  KITELM_AVX2_FMA static F div(F a, F b) { return _mm256_div_ps(a, b); }
+  KITELM_AVX2_FMA static F fma(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
+  KITELM_AVX2_FMA static F fnma(F a, F b, F c) { return _mm256_fnmadd_ps(a, b, c); }  // c − a·b
+  KITELM_AVX2_FMA static F min(F a, F b) { return _mm256_min_ps(a, b); }
+  KITELM_AVX2_FMA static F max(F a, F b) { return _mm256_max_ps(a, b); }
+  KITELM_AVX2_FMA static F sqrt(F a) { return _mm256_sqrt_ps(a); }
+  KITELM_AVX2_FMA static F round(F a) { return _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  // AVX2 has no VSCALEFPS: 2ⁿ as two normal powers of two built in the exponent field (n = n₁ + n₂, |n₁|, |n₂| ≤ 75),
+  // so exp_v's results below 2⁻¹²⁶ come out as the same denormals and those above FLT_MAX as inf
+  KITELM_AVX2_FMA static F ldexp(F p, F n) {
+    const __m256i ni = _mm256_cvtps_epi32(n), n1 = _mm256_srai_epi32(ni, 1), n2 = _mm256_sub_epi32(ni, n1);
+    const __m256i bias = _mm256_set1_epi32(127);
+    const F s1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n1, bias), 23));
+    const F s2 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n2, bias), 23));
+    return _mm256_mul_ps(_mm256_mul_ps(p, s1), s2);
+  }
+  KITELM_AVX2_FMA static float hsum(F v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+  }
+};
+
+struct F32x16 {  // AVX-512 F/BW/DQ
+  using F = __m512;
+  static constexpr int kLanes = 16;
+  KITELM_AVX512_FMA static F load(const float* p) { return _mm512_loadu_ps(p); }
+  KITELM_AVX512_FMA static void store(float* p, F v) { _mm512_storeu_ps(p, v); }
+  KITELM_AVX512_FMA static F set1(float v) { return _mm512_set1_ps(v); }
+  KITELM_AVX512_FMA static F zero() { return _mm512_setzero_ps(); }
+  KITELM_AVX512_FMA static F add(F a, F b) { return _mm512_add_ps(a, b); }
+  KITELM_AVX512_FMA static F sub(F a, F b) { return _mm512_sub_ps(a, b); }
+  KITELM_AVX512_FMA static F mul(F a, F b) { return _mm512_mul_ps(a, b); }
+  KITELM_AVX512_FMA static F div(F a, F b) { return _mm512_div_ps(a, b); }
+  KITELM_AVX512_FMA static F fma(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
+  KITELM_AVX512_FMA static F fnma(F a, F b, F c) { return _mm512_fnmadd_ps(a, b, c); }
+  KITELM_AVX512_FMA static F min(F a, F b) { return _mm512_min_ps(a, b); }
+  KITELM_AVX512_FMA static F max(F a, F b) { return _mm512_max_ps(a, b); }
+  KITELM_AVX512_FMA static F sqrt(F a) { return _mm512_sqrt_ps(a); }
+  KITELM_AVX512_FMA static F round(F a) {
+    return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  }
+  KITELM_AVX512_FMA static F ldexp(F p, F n) { return _mm512_scalef_ps(p, n); }
+  KITELM_AVX512_FMA static float hsum(F v) { return _mm512_reduce_add_ps(v); }
+};
+
+// exp of a vector: Cody-Waite reduction, a degree-6 polynomial, p·2ⁿ; within ~2 ulp of expf. exp(±inf) and NaN:
 // the clamp keeps NaN (min/max return their second operand when one is NaN) and maps ±inf to values whose exp is
 // 0 / inf anyway.
-KITELM_AVX512_FMA inline __m512 exp16(__m512 x) {
-  x = _mm512_max_ps(_mm512_set1_ps(-104.f), _mm512_min_ps(_mm512_set1_ps(89.f), x));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
-  return _mm512_scalef_ps(p, n);
+template <class V>
+KITELM_INLINE typename V::F exp_v(typename V::F x) {
+  x = V::max(V::set1(-104.f), V::min(V::set1(89.f), x));
+  const typename V::F n = V::round(V::mul(x, V::set1(1.44269504088896341f)));
+  typename V::F r = V::fnma(n, V::set1(0.693359375f), x);
+  r = V::fnma(n, V::set1(-2.12194440e-4f), r);
+  typename V::F p = V::set1(1.9875691500e-4f);
+  p = V::fma(p, r, V::set1(1.3981999507e-3f));
+  p = V::fma(p, r, V::set1(8.3334519073e-3f));
+  p = V::fma(p, r, V::set1(4.1665795894e-2f));
+  p = V::fma(p, r, V::set1(1.6666665459e-1f));
+  p = V::fma(p, r, V::set1(5.0000001201e-1f));
+  p = V::fma(p, V::mul(r, r), V::add(r, V::set1(1.f)));
+  return V::ldexp(p, n);
 }
 
-KITELM_AVX512_FMA inline __m512 sigmoid16(__m512 g) {
-  const __m512 one = _mm512_set1_ps(1.f);
-  return _mm512_div_ps(one, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+template <class V>
+KITELM_INLINE typename V::F sigmoid_v(typename V::F g) {
+  const typename V::F one = V::set1(1.f);
+  return V::div(one, V::add(one, exp_v<V>(V::sub(V::zero(), g))));
 }
 
-// `rglru_update` for 16 channels, the same operations in the same order with exp16 for exp.
-KITELM_AVX512_FMA inline __m512 rglru_update16(__m512 gx, __m512 ga, __m512 neg, __m512 x, __m512 h, bool start) {
-  const __m512 xin = _mm512_mul_ps(x, sigmoid16(gx));
+// `rglru_update` for a vector of channels, the same operations in the same order with exp_v for exp.
+template <class V>
+KITELM_INLINE typename V::F rglru_update_v(typename V::F gx, typename V::F ga, typename V::F neg, typename V::F x,
+                                           typename V::F h, bool start) {
+  const typename V::F xin = V::mul(x, sigmoid_v<V>(gx));
   if (start) return xin;
-  const __m512 log_a = _mm512_mul_ps(neg, sigmoid16(ga));
-  const __m512 mult = _mm512_sqrt_ps(_mm512_sub_ps(_mm512_set1_ps(1.f), exp16(_mm512_add_ps(log_a, log_a))));
-  return _mm512_add_ps(_mm512_mul_ps(exp16(log_a), h), _mm512_mul_ps(xin, mult));
+  const typename V::F log_a = V::mul(neg, sigmoid_v<V>(ga));
+  const typename V::F mult = V::sqrt(V::sub(V::set1(1.f), exp_v<V>(V::add(log_a, log_a))));
+  return V::add(V::mul(exp_v<V>(log_a), h), V::mul(xin, mult));
 }
 
 }  // namespace kitelm
 #endif
-

@@ -9,8 +9,9 @@
 // in fp32 from bf16 or fp32 products, written as bf16 for the next GEMM or as fp32; torch's tanh GeLU alone costs
 // ~5× a memory pass) and `add_bias_into` (a bf16 product → fp32 + bias, the cast and the bias add of every bf16
 // linear in one pass). Their twins are `gelu_mul_reference` / `add_bias_reference` in kitelm/ops/prefill.py.
-// `isa` 0 = portable C++ (std::exp), 2 = AVX-512 (a Cephes-style exp: Cody-Waite reduction, degree-6 polynomial,
-// VSCALEFPS; within ~2 ulp of expf). The file is compiled for baseline x86-64, the fast path has its own target.
+// `isa` 0 = portable C++ (std::exp), 1 = AVX2 + FMA, 2 = AVX-512: one template each over the vector traits of
+// kernel_common.h, with its exp_v (a Cephes-style exp: Cody-Waite reduction, degree-6 polynomial, p·2ⁿ; within
+// ~2 ulp of expf). The file is compiled for baseline x86-64; each fast path has its own target.
 #include <torch/extension.h>
 #include "kernel_common.h"
 #include <ATen/Parallel.h>
@@ -22,7 +23,7 @@
 
 namespace {
 
-constexpr int kScalar = 0, kAvx512 = 2;
+constexpr int kScalar = 0, kAvx2 = 1, kAvx512 = 2;
 
 using kitelm::bf16_to_float;
 using kitelm::float_to_bf16;
@@ -80,7 +81,7 @@ struct Scan {
   int64_t B, T, L, bw;
 };
 
-// Channels [l0, l1) of one time step in plain C++ (the portable path, and the AVX-512 path's leftover channels).
+// Channels [l0, l1) of one time step in plain C++ (the portable path, and the vector paths' leftover channels).
 inline void step_channels(const Scan& s, bool start, const float* x, const float* gx, const float* ga, float* h,
                           float* y, int64_t l0, int64_t l1) {
   for (int64_t l = l0; l < l1; ++l) y[l] = h[l] = kitelm::rglru_update(gx[l], ga[l], s.neg_c_softplus[l], x[l], h[l], start);
@@ -110,60 +111,103 @@ void scan_portable(const Scan& s, int64_t b, int64_t l0, int64_t l1) {
 }
 
 #if KITELM_X86
-KITELM_AVX512_FMA void scan_avx512(const Scan& s, int64_t b, int64_t l0, int64_t l1) {
+using kitelm::F32x16;
+using kitelm::F32x8;
+
+template <class V>
+KITELM_INLINE void scan_v(const Scan& s, int64_t b, int64_t l0, int64_t l1) {
+  constexpr int L = V::kLanes;
   float* h = s.h + b * s.L;
-  const int64_t l16 = l0 + (l1 - l0) / 16 * 16;
+  const int64_t lv = l0 + (l1 - l0) / L * L;
   for (int64_t t = 0; t < s.T; ++t) {
     const auto [start, x, gx, ga, y] = step_rows(s, b, t, l0);
-    for (int64_t l = l0; l < l16; l += 16) {
-      const __m512 v = kitelm::rglru_update16(_mm512_loadu_ps(gx + l), _mm512_loadu_ps(ga + l),
-                                              _mm512_loadu_ps(s.neg_c_softplus + l), _mm512_loadu_ps(x + l),
-                                              _mm512_loadu_ps(h + l), start);
-      _mm512_storeu_ps(h + l, v);
-      _mm512_storeu_ps(y + l, v);
+    for (int64_t l = l0; l < lv; l += L) {
+      const typename V::F v = kitelm::rglru_update_v<V>(V::load(gx + l), V::load(ga + l), V::load(s.neg_c_softplus + l),
+                                                        V::load(x + l), V::load(h + l), start);
+      V::store(h + l, v);
+      V::store(y + l, v);
     }
-    step_channels(s, start, x, gx, ga, h, y, l16, l1);  // channels left over in a block that is no multiple of 16
+    step_channels(s, start, x, gx, ga, h, y, lv, l1);  // channels left over in a block that is no multiple of L
   }
 }
 
-KITELM_AVX512_FMA inline __m512 load16(const void* p, bool bf16, int64_t i) {
-  if (!bf16) return _mm512_loadu_ps(static_cast<const float*>(p) + i);
-  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(p) + i));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+// bf16 ↔ fp32 for a vector of L values. The store rounds to nearest even in integer lanes, NaN kept quiet:
+// float_to_bf16 L at a time.
+template <class V> struct Bf16;
+template <> struct Bf16<F32x8> {
+  KITELM_AVX2_FMA static __m256 load(const uint16_t* p) {
+    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+  }
+  KITELM_AVX2_FMA static void store(uint16_t* p, __m256 v) {
+    const __m256i u = _mm256_castps_si256(v);
+    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    const __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), odd)), 16);
+    const __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff)),
+                                           _mm256_set1_epi32(0x7f800000));  // both sides ≥ 0: the signed compare holds
+    const __m256i quiet = _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40));
+    const __m256i bits = _mm256_blendv_epi8(rounded, quiet, nan);  // 16-bit values in 32-bit lanes
+    const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(bits, bits), 0x08);  // lanes 0-3 | 4-7
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
+  }
+};
+template <> struct Bf16<F32x16> {
+  KITELM_AVX512_FMA static __m512 load(const uint16_t* p) {
+    const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+  }
+  KITELM_AVX512_FMA static void store(uint16_t* p, __m512 v) {
+    const __m512i u = _mm512_castps_si512(v);
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i bits = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), odd)), 16);
+    const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)),
+                                                   _mm512_set1_epi32(0x7f800000));
+    bits = _mm512_mask_or_epi32(bits, nan, _mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(bits));
+  }
+};
+
+template <class V>
+KITELM_INLINE typename V::F load_v(const void* p, bool bf16, int64_t i) {
+  return bf16 ? Bf16<V>::load(static_cast<const uint16_t*>(p) + i) : V::load(static_cast<const float*>(p) + i);
 }
 
-KITELM_AVX512_FMA inline void store16(void* p, bool bf16, int64_t i, __m512 v) {
-  if (!bf16) return _mm512_storeu_ps(static_cast<float*>(p) + i, v);
-  // round to nearest even in integer lanes, NaN kept quiet: float_to_bf16 sixteen at a time
-  const __m512i u = _mm512_castps_si512(v);
-  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  __m512i bits = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), odd)), 16);
-  const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)),
-                                                 _mm512_set1_epi32(0x7f800000));
-  bits = _mm512_mask_or_epi32(bits, nan, _mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<uint16_t*>(p) + i), _mm512_cvtepi32_epi16(bits));
+template <class V>
+KITELM_INLINE void store_v(void* p, bool bf16, int64_t i, typename V::F v) {
+  if (bf16) Bf16<V>::store(static_cast<uint16_t*>(p) + i, v);
+  else V::store(static_cast<float*>(p) + i, v);
 }
 
-KITELM_AVX512_FMA void epilogue_avx512(const Epilogue& e, bool gelu, int64_t r) {
+template <class V>
+KITELM_INLINE void epilogue_v(const Epilogue& e, bool gelu, int64_t r) {
+  using Fv = typename V::F;
+  constexpr int L = V::kLanes;
   const void* a = static_cast<const char*>(e.a) + r * e.a_stride * (e.a_bf16 ? 2 : 4);
   const void* b = gelu ? static_cast<const char*>(e.b) + r * e.b_stride * (e.b_bf16 ? 2 : 4) : nullptr;
   void* out = static_cast<char*>(e.out) + r * e.out_stride * (e.out_bf16 ? 2 : 4);
-  const __m512 k2 = _mm512_set1_ps(-kGeluK2), cubic = _mm512_set1_ps(kGeluCubic), one = _mm512_set1_ps(1.f);
+  const Fv k2 = V::set1(-kGeluK2), cubic = V::set1(kGeluCubic), one = V::set1(1.f);
   int64_t c = 0;
-  for (; c + 16 <= e.cols; c += 16) {
-    __m512 v = load16(a, e.a_bf16, c);
-    if (e.a_bias) v = _mm512_add_ps(v, _mm512_loadu_ps(e.a_bias + c));
+  for (; c + L <= e.cols; c += L) {
+    Fv v = load_v<V>(a, e.a_bf16, c);
+    if (e.a_bias) v = V::add(v, V::load(e.a_bias + c));
     if (gelu) {
-      const __m512 inner = _mm512_fmadd_ps(_mm512_mul_ps(cubic, v), _mm512_mul_ps(v, v), v);  // v + 0.044715 v³
-      const __m512 g = _mm512_div_ps(v, _mm512_add_ps(one, kitelm::exp16(_mm512_mul_ps(k2, inner))));
-      __m512 w = load16(b, e.b_bf16, c);
-      if (e.b_bias) w = _mm512_add_ps(w, _mm512_loadu_ps(e.b_bias + c));
-      v = _mm512_mul_ps(g, w);
+      const Fv inner = V::fma(V::mul(cubic, v), V::mul(v, v), v);  // v + 0.044715 v³
+      const Fv g = V::div(v, V::add(one, kitelm::exp_v<V>(V::mul(k2, inner))));
+      Fv w = load_v<V>(b, e.b_bf16, c);
+      if (e.b_bias) w = V::add(w, V::load(e.b_bias + c));
+      v = V::mul(g, w);
     }
-    store16(out, e.out_bf16, c, v);
+    store_v<V>(out, e.out_bf16, c, v);
   }
-  if (c < e.cols) epilogue_portable(e, gelu, r, c);  // fewer than 16 columns left
+  if (c < e.cols) epilogue_portable(e, gelu, r, c);  // fewer than L columns left
 }
+
+// The target-specific bodies (flatten: the traits' functions are inlined into them).
+#define KITELM_FLATTEN __attribute__((flatten))
+KITELM_AVX2_FMA KITELM_FLATTEN void scan_avx2(const Scan& s, int64_t b, int64_t l0, int64_t l1) { scan_v<F32x8>(s, b, l0, l1); }
+KITELM_AVX512_FMA KITELM_FLATTEN void scan_avx512(const Scan& s, int64_t b, int64_t l0, int64_t l1) { scan_v<F32x16>(s, b, l0, l1); }
+KITELM_AVX2_FMA KITELM_FLATTEN void epilogue_avx2(const Epilogue& e, bool gelu, int64_t r) { epilogue_v<F32x8>(e, gelu, r); }
+KITELM_AVX512_FMA KITELM_FLATTEN void epilogue_avx512(const Epilogue& e, bool gelu, int64_t r) { epilogue_v<F32x16>(e, gelu, r); }
 
 #endif
 
@@ -177,6 +221,7 @@ void check_fp32(const torch::Tensor& t, const char* what) {
 int64_t best_isa() {
 #if KITELM_X86
   if (kitelm::cpu_has_avx512()) return kAvx512;
+  if (kitelm::cpu_has_avx2()) return kAvx2;
 #endif
   return kScalar;
 }
@@ -193,7 +238,7 @@ std::vector<torch::Tensor> rglru_scan(const torch::Tensor& x_in, const torch::Te
                   h0_in.numel() == B * L && reset_in.numel() == B * T,
               "rglru_scan: x ", x_in.sizes(), ", gates ", gx_in.sizes(), ", softplus_a ", softplus_in.sizes(), ", h0 ",
               h0_in.sizes(), " and reset ", reset_in.sizes(), " do not match");
-  TORCH_CHECK(isa >= kScalar && isa <= best_isa() && isa != 1, "rglru_scan: isa ", isa, " is not available");
+  TORCH_CHECK(isa >= kScalar && isa <= best_isa(), "rglru_scan: isa ", isa, " is not available");
   const auto x = x_in.contiguous(), gx = gx_in.contiguous(), ga = ga_in.contiguous();
   const auto reset = reset_in.to(torch::kBool).contiguous();
   const auto softplus = softplus_in.contiguous();
@@ -209,6 +254,7 @@ std::vector<torch::Tensor> rglru_scan(const torch::Tensor& x_in, const torch::Te
   Fn fn = scan_portable;
 #if KITELM_X86
   if (isa == kAvx512) fn = scan_avx512;
+  if (isa == kAvx2) fn = scan_avx2;
 #endif
   // Tasks: (batch row, gate block); a block's channels are one contiguous run of every gate row.
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
@@ -313,7 +359,7 @@ void run_epilogue(const torch::Tensor& a, const c10::optional<torch::Tensor>& a_
                 cols, "]");
     biases[i] = kept[i].data_ptr<float>();
   }
-  TORCH_CHECK(isa >= kScalar && isa <= best_isa() && isa != 1, name, ": isa ", isa, " is not available");
+  TORCH_CHECK(isa >= kScalar && isa <= best_isa(), name, ": isa ", isa, " is not available");
   Epilogue e{a.data_ptr(), b ? b->data_ptr() : nullptr, biases[0], biases[1], out.data_ptr(),
              a.scalar_type() == torch::kBFloat16, b && b->scalar_type() == torch::kBFloat16,
              out.scalar_type() == torch::kBFloat16, cols, a.stride(0), b ? b->stride(0) : 0, out.stride(0)};
@@ -324,6 +370,10 @@ void run_epilogue(const torch::Tensor& a, const c10::optional<torch::Tensor>& a_
 #if KITELM_X86
       if (isa == kAvx512) {
         epilogue_avx512(e, gelu, r);
+        continue;
+      }
+      if (isa == kAvx2) {
+        epilogue_avx2(e, gelu, r);
         continue;
       }
 #endif
@@ -354,5 +404,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("add_bias_into", &add_bias_into, "out = src + bias in float32 (e.g. a bf16 product into float32 y)");
   m.def("conv1d_forward", &conv1d_forward, "Conv1D over T tokens with document resets, state continued");
   m.def("rglru_scan", &rglru_scan, "the RG-LRU's gates and scan over T tokens in one pass");
-  m.def("best_isa", &best_isa, "0 portable, 2 AVX-512 F/BW/DQ: the fastest path this CPU runs");
+  m.def("best_isa", &best_isa, "0 portable, 1 AVX2+FMA, 2 AVX-512 F/BW/DQ: the fastest path this CPU runs");
 }

@@ -620,14 +620,11 @@ template <Fmt F, int R> KITELM_AVX512VNNI KITELM_FLATTEN void int_vnni(const Pro
 template <Fmt F, int R> KITELM_AVX2 KITELM_FLATTEN void fp32_avx2(const Problem& p, int64_t b, int64_t e) { rows_fp32<Avx2, F, R>(p, b, e); }
 template <Fmt F, int R> KITELM_AVX512 KITELM_FLATTEN void fp32_avx512(const Problem& p, int64_t b, int64_t e) { rows_fp32<Avx512, F, R>(p, b, e); }
 
+using kitelm::cpu_has_avx2;
 using kitelm::cpu_has_avx512;
 bool cpu_has_avx512vnni() {
   __builtin_cpu_init();
   return cpu_has_avx512() && __builtin_cpu_supports("avx512vnni");
-}
-bool cpu_has_avx2() {
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 }
 #endif  // KITELM_X86
 
