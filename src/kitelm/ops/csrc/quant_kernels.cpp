@@ -353,9 +353,16 @@ KITELM_INLINE void int_chunk(const typename V::I (&wv)[O], int64_t c, const floa
   using I = typename V::I;
   constexpr int L = V::kLanes;
   constexpr int64_t kChunkWeights = F == Fmt::int4 ? 8 * L : 4 * L;
+  // the weight scales of the chunk's lanes: one broadcast load where one group covers the chunk (a group ≥ 4L int8
+  // or 8L int4 weights), else a permute of the scale row (AVX2 Zen3, one row of x: int8 g32 16.7 → 22.9 GB/s and
+  // int4 g64 12.2 → 13.9 GB/s a core from L2 with the broadcast; benchmarks/NOTES.md, "AVX2 Zen3")
   typename V::F sw[O];
+  const bool one_scale = ((kChunkWeights - 1) >> shift) == 0;
 #pragma GCC unroll 2
-  for (int o = 0; o < O; ++o) sw[o] = V::permute(idx, V::loadf(sb[o] + ((c * kChunkWeights) >> shift)));
+  for (int o = 0; o < O; ++o) {
+    const float* chunk_scales = sb[o] + ((c * kChunkWeights) >> shift);
+    sw[o] = one_scale ? V::set1(*chunk_scales) : V::permute(idx, V::loadf(chunk_scales));
+  }
   // weight side, shared by the rows of x
   typename V::W8 w8[O];
   I lo[O], hi[O];
