@@ -12,9 +12,9 @@ Formats (the stored form of a Linear weight W [out, in]; activations, biases and
 The scale is rounded to bf16 *before* q is computed, so ŵ = q·s is exactly what the kernels reconstruct and the only
 error is the rounding of W/s: |W − ŵ| ≤ s/2 per weight (plus s·2⁻⁸·qmax where bf16 rounded s down and q clipped).
 
-`quantized_linear` picks the path: for 1-8 rows of x (int8/int4, and bf16 without native bf16: 1-16, in calls of ≤ 8), the C++ GEMV (AVX-512
-VNNI, AVX-512, AVX2 or portable C++, chosen at run time; `KITELM_QUANT_ISA=portable|avx2|avx512|avx512vnni` forces
-one); above that, tiles of Ŵ dequantized into the compute dtype (bf16 where the CPU has native bf16, else fp32; csrc/dequant_kernels.cpp) and
+`quantized_linear` picks the path: for 1-8 rows of x (int8/int4, and bf16 without native bf16: 1-16, in calls of
+≤ 8), the C++ GEMV (AVX-512 VNNI, AVX-512, AVX2 or portable C++, chosen at run time;
+`KITELM_QUANT_ISA=portable|avx2|avx512|avx512vnni` forces one); above that, tiles of Ŵ dequantized into the compute dtype (bf16 where the CPU has native bf16, else fp32; csrc/dequant_kernels.cpp) and
 that dtype's GEMM (bf16 weights on a bf16 machine: one GEMM on the stored matrix).
 
 Activations on the GEMV path: bf16 weights multiply x in fp32. int8 and int4 weights multiply an int8 copy of x
