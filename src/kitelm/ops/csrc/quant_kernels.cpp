@@ -31,6 +31,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <new>
 #include <type_traits>
 #include <vector>
 
@@ -78,6 +79,22 @@ KITELM_INLINE float quantize_block(const float* x, int8_t* q, int32_t* sum) {
 }
 
 enum class Fmt { bf16, int8, int4 };
+
+// std::vector storage that starts on a cache line: whole-vector loads of x's lanes never span two lines (AVX-512
+// Zen5, RG-2B's linears at one row of x from DRAM, one core: int8 26.3 → 33.8 GB/s, int4 27.5 → 30.1 with malloc's
+// 16-byte alignment → 64; benchmarks/NOTES.md, "Zen5 again")
+template <class T>
+struct CacheAligned {
+  using value_type = T;
+  static constexpr std::align_val_t kAlign{64};
+  CacheAligned() = default;
+  template <class U> CacheAligned(const CacheAligned<U>&) {}
+  T* allocate(std::size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), kAlign)); }
+  void deallocate(T* p, std::size_t) { ::operator delete(p, kAlign); }
+  template <class U> bool operator==(const CacheAligned<U>&) const { return true; }
+  template <class U> bool operator!=(const CacheAligned<U>&) const { return false; }
+};
+template <class T> using AlignedVector = std::vector<T, CacheAligned<T>>;
 
 // x of one call in the layout of the vector integer kernels: per row, whole chunks (one weight vector each) of
 // x_q bytes and of int32 / fp32 lanes, zero past the end of the row. Built once per call (`prepare_lanes`).
@@ -460,7 +477,7 @@ KITELM_INLINE void rows_int(const Problem& p, int64_t begin, int64_t end) {
   // (adjacent rows are one stream; the halves measured +12-17 % on DRAM-resident weights: benchmarks/NOTES.md)
   constexpr int O = V::kLanes == 16 || R <= 2 ? 2 : 1;
   constexpr int U = R == 1 ? (O == 2 ? 2 : 4) : (R == 2 && O == 1 ? 2 : 1);
-  std::vector<float> scale_buffer(2 * (p.ngroups + V::kLanes), 0.f);  // + L: a chunk's scales may read past the end
+  AlignedVector<float> scale_buffer(2 * (p.ngroups + V::kLanes), 0.f);  // + L: a chunk's scales may read past the end
   float* const sb2[2] = {scale_buffer.data(), scale_buffer.data() + p.ngroups + V::kLanes};
   float* const sb1[1] = {sb2[0]};
   const typename V::I idx = V::load(p.lanes->idx);
@@ -608,7 +625,7 @@ KITELM_INLINE void rows_fp32(const Problem& p, int64_t begin, int64_t end) {
   // of [begin, end) as in rows_int: two DRAM streams per core
   constexpr int O = V::kLanes == 16 && R >= 2 ? 2 : 1;
   constexpr int U = R == 1 ? 4 : (R == 2 ? 2 : 1);
-  std::vector<float> scale_buffer(2 * p.ngroups);
+  AlignedVector<float> scale_buffer(2 * p.ngroups);
   float* const sb2[2] = {scale_buffer.data(), scale_buffer.data() + p.ngroups};
   float* const sb1[1] = {sb2[0]};
   if constexpr (O == 2) {
@@ -682,9 +699,9 @@ int checked_isa(int64_t isa) {
 
 // x quantized per block (natural order) and, for a vector path of `lanes` lanes, its chunk layout (XLanes).
 struct QuantizedX {
-  std::vector<int8_t> q, lane_q;
-  std::vector<float> s, lane_s;
-  std::vector<int32_t> sum, lane_corr;
+  AlignedVector<int8_t> q, lane_q;
+  AlignedVector<float> s, lane_s;
+  AlignedVector<int32_t> sum, lane_corr;
   XLanes lanes;
 };
 
