@@ -625,7 +625,7 @@ KITELM_INLINE void rows_fp32(const Problem& p, int64_t begin, int64_t end) {
   // of [begin, end) as in rows_int: two DRAM streams per core
   constexpr int O = V::kLanes == 16 && R >= 2 ? 2 : 1;
   constexpr int U = R == 1 ? 4 : (R == 2 ? 2 : 1);
-  AlignedVector<float> scale_buffer(2 * p.ngroups);
+  std::vector<float> scale_buffer(2 * p.ngroups);
   float* const sb2[2] = {scale_buffer.data(), scale_buffer.data() + p.ngroups};
   float* const sb1[1] = {sb2[0]};
   if constexpr (O == 2) {
