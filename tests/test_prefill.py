@@ -274,6 +274,50 @@ def test_epilogues_check_their_arguments(kernels):
         kernels.gelu_mul(a.double(), None, a.double(), None, False, 0)
 
 
+# `soft_cap` (x ← cap·tanh(x / cap) in place) against float64: the division and the product round once each (≤ u
+# relative apiece), the kernel's tanh is within 3 ulp (Cephes' polynomial below 0.625, 1 − 2/(e^{2|y|} + 1) with
+# exp_v above) and std::tanh within 1: ≤ 5 ulp in all, and an ulp is at most 2u relative, so 10u·|exact|.
+SOFT_CAP_BOUND = 10 * U
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("n", [256_000, 37])  # RecurrentGemma's vocabulary (vectors over two threads), a short tail
+def test_soft_cap_is_within_its_bound_of_float64_in_place(kernels, isa, n, monkeypatch):
+    monkeypatch.setenv("KITELM_PREFILL_ISA", isa)
+    torch.manual_seed(0)
+    logits = torch.randn(1, 1, n) * torch.logspace(-6, 3, n)  # the polynomial, the exp branch and saturation
+    exact = 30.0 * torch.tanh(logits.double() / 30.0)
+    with torch.inference_mode():
+        out = prefill.soft_cap(logits, 30.0)
+    assert out.data_ptr() == logits.data_ptr()
+    assert ((out.double() - exact).abs() <= SOFT_CAP_BOUND * exact.abs()).all()
+    assert torch.equal(torch.signbit(out), torch.signbit(exact))
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_soft_cap_keeps_special_values(kernels, isa, monkeypatch):
+    monkeypatch.setenv("KITELM_PREFILL_ISA", isa)
+    v = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 1e-30, -1e4, 3e38] * 3)  # vectors + tail
+    with torch.inference_mode():
+        y = prefill.soft_cap(v.clone(), 30.0)
+    assert y[0::8].isnan().all() and (y[1::8] == 30.0).all() and (y[2::8] == -30.0).all()
+    assert (y[3::8] == 0).all() and torch.signbit(y[4::8]).all() and (y[6::8] == -30.0).all() and (y[7::8] == 30.0).all()
+    assert ((y[5::8] - 1e-30).abs() <= 2e-37).all()
+
+
+def test_soft_cap_falls_back_to_its_twin_where_the_kernel_does_not_apply(kernels):
+    x = torch.randn(4, 6) * 50
+    strided, half = x.t(), x.to(torch.bfloat16)
+    with torch.inference_mode():
+        assert torch.equal(prefill.soft_cap(strided, 30.0), prefill.soft_cap_reference(strided, 30.0))
+        assert torch.equal(prefill.soft_cap(half, 30.0), prefill.soft_cap_reference(half, 30.0))
+    leaf = x.clone().requires_grad_()
+    prefill.soft_cap(leaf, 30.0).sum().backward()  # autograd: the twin, a new tensor
+    assert torch.allclose(leaf.grad, 1 - torch.tanh(x / 30.0) ** 2)
+    with pytest.raises(RuntimeError, match="cap must be > 0"):
+        kernels.soft_cap_(x.clone(), 0.0, 0)
+
+
 @pytest.fixture
 def bf16_machine(monkeypatch):
     """The real `native_bf16` (the tiled path's GEMM dtype), or a skip where the fused paths cannot run."""

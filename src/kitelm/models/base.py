@@ -16,6 +16,7 @@ from torch import nn
 
 from ..layers.linear import Linear
 from ..ops.decode import linear
+from ..ops.prefill import soft_cap
 
 
 @dataclass
@@ -83,7 +84,7 @@ class LanguageModel(nn.Module):
         weight = self.embed.weight if self.head is None else self.head.weight
         logits = linear(x, weight).float()
         cap = self.config.logit_softcap
-        return cap * torch.tanh(logits / cap) if cap > 0 else logits
+        return soft_cap(logits, cap) if cap > 0 else logits  # in place on the fresh product where it can
 
     def new_cache(self, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None,
                   device: torch.device | str | None = None) -> ModelCache:

@@ -11,7 +11,10 @@ ops, so without AVX2 the torch twins run. `KITELM_PREFILL_ISA=portable|avx2|avx5
 Two epilogues of the bf16 GEMM path share the extension: `gelu_mul` (a GeGLU's gelu_tanh(a + b_a) · (b + b_b) in
 one pass, from bf16 GEMM outputs straight to the bf16 input of the next GEMM) and `add_bias_into` (a bf16 product
 into float32 y with its bias). Each has its pure-torch twin here (`gelu_mul_reference`, `add_bias_reference`), which
-runs wherever the kernels do not (other devices, autograd, CPUs without AVX2).
+runs wherever the kernels do not (other devices, autograd, CPUs without AVX2). So does `soft_cap`, the output
+head's cap·tanh(logits / cap) in place (twin `soft_cap_reference`): torch's tanh costs ~0.3 ms over RecurrentGemma's
+256,000 logits of a decoding step on the AVX-512 Zen5, the kernel ~0.02 (benchmarks/NOTES.md, "Decode step: the Python
+beside the kernels").
 """
 
 from __future__ import annotations
@@ -85,6 +88,21 @@ def gelu_mul_reference(a: Tensor, b: Tensor, a_bias: Tensor | None = None, b_bia
     g = g if a_bias is None else g + a_bias.float()
     u = u if b_bias is None else u + b_bias.float()
     return (F.gelu(g, approximate="tanh") * u).to(out_dtype)
+
+
+def soft_cap(logits: Tensor, cap: float) -> Tensor:
+    """cap · tanh(logits / cap) (the soft cap of Gemma-family logits), in place where the kernel applies (a float32
+    contiguous CPU tensor, no gradient recorded): `logits` must be a tensor the caller owns, e.g. a product just
+    computed. Elsewhere the twin's new tensor."""
+    kernels = epilogue_kernels(logits) if logits.dtype == torch.float32 and logits.is_contiguous() else None
+    if kernels is None:
+        return soft_cap_reference(logits, cap)
+    return kernels.soft_cap_(logits, cap, prefill_isa())
+
+
+def soft_cap_reference(logits: Tensor, cap: float) -> Tensor:
+    """`soft_cap`'s twin: cap · tanh(logits / cap) in torch ops."""
+    return cap * torch.tanh(logits / cap)
 
 
 def add_bias_into(src: Tensor, bias: Tensor | None, out: Tensor) -> None:

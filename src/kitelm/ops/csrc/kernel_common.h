@@ -1,7 +1,7 @@
 // What the C++ extensions of this folder share: x86 detection (with <immintrin.h>), KITELM_INLINE, the -Wpsabi note,
 // bfloat16 ↔ float32 as bit patterns, fp32 vector traits for AVX2 (F32x8) and AVX-512 (F32x16), and the RG-LRU's
-// per-channel update (scalar, and a vector of channels with its exp, over either traits). Each source includes it;
-// the build key in kitelm/ops/extension.py hashes this header with the compiler flags, so a change here rebuilds
+// per-channel update (scalar, and a vector of channels with its exp, over either traits), and a vector tanh. Each
+// source includes it; the build key in kitelm/ops/extension.py hashes this header with the compiler flags, so a change here rebuilds
 // every extension.
 #pragma once
 #include <cmath>
@@ -90,6 +90,13 @@ struct F32x8 {  // AVX2 + FMA
   KITELM_AVX2_FMA static F max(F a, F b) { return _mm256_max_ps(a, b); }
   KITELM_AVX2_FMA static F sqrt(F a) { return _mm256_sqrt_ps(a); }
   KITELM_AVX2_FMA static F round(F a) { return _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  KITELM_AVX2_FMA static F abs(F a) { return _mm256_andnot_ps(_mm256_set1_ps(-0.f), a); }
+  KITELM_AVX2_FMA static F copysign(F mag, F sign) {  // |mag| with the sign bit of `sign`
+    return _mm256_or_ps(abs(mag), _mm256_and_ps(_mm256_set1_ps(-0.f), sign));
+  }
+  KITELM_AVX2_FMA static F select_lt(F a, F b, F yes, F no) {  // a < b ? yes : no, lane by lane (NaN: no)
+    return _mm256_blendv_ps(no, yes, _mm256_cmp_ps(a, b, _CMP_LT_OQ));
+  }
   // AVX2 has no VSCALEFPS: 2ⁿ as two normal powers of two built in the exponent field (n = n₁ + n₂, |n₁|, |n₂| ≤ 75),
   // so exp_v's results below 2⁻¹²⁶ come out as the same denormals and those above FLT_MAX as inf
   KITELM_AVX2_FMA static F ldexp(F p, F n) {
@@ -125,6 +132,13 @@ struct F32x16 {  // AVX-512 F/BW/DQ
   KITELM_AVX512_FMA static F round(F a) {
     return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   }
+  KITELM_AVX512_FMA static F abs(F a) { return _mm512_andnot_ps(_mm512_set1_ps(-0.f), a); }
+  KITELM_AVX512_FMA static F copysign(F mag, F sign) {
+    return _mm512_or_ps(abs(mag), _mm512_and_ps(_mm512_set1_ps(-0.f), sign));
+  }
+  KITELM_AVX512_FMA static F select_lt(F a, F b, F yes, F no) {
+    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(a, b, _CMP_LT_OQ), no, yes);
+  }
   KITELM_AVX512_FMA static F ldexp(F p, F n) { return _mm512_scalef_ps(p, n); }
   KITELM_AVX512_FMA static float hsum(F v) { return _mm512_reduce_add_ps(v); }
 };
@@ -152,6 +166,22 @@ template <class V>
 KITELM_INLINE typename V::F sigmoid_v(typename V::F g) {
   const typename V::F one = V::set1(1.f);
   return V::div(one, V::add(one, exp_v<V>(V::sub(V::zero(), g))));
+}
+
+// tanh of a vector, Cephes-style: an odd polynomial in y² for |y| < 0.625, else sign(y)·(1 − 2 / (exp(2|y|) + 1))
+// with exp_v (which saturates to inf, giving ±1); within ~3 ulp of tanh; NaN stays NaN (both branches keep it).
+template <class V>
+KITELM_INLINE typename V::F tanh_v(typename V::F y) {
+  const typename V::F a = V::abs(y), one = V::set1(1.f);
+  const typename V::F big = V::sub(one, V::div(V::set1(2.f), V::add(exp_v<V>(V::add(a, a)), one)));
+  const typename V::F z = V::mul(y, y);
+  typename V::F p = V::set1(-5.70498872745e-3f);
+  p = V::fma(p, z, V::set1(2.06390887954e-2f));
+  p = V::fma(p, z, V::set1(-5.37397155531e-2f));
+  p = V::fma(p, z, V::set1(1.33314422036e-1f));
+  p = V::fma(p, z, V::set1(-3.33332819422e-1f));
+  const typename V::F small = V::fma(V::mul(p, z), y, y);
+  return V::copysign(V::select_lt(a, V::set1(0.625f), small, big), y);  // the sign of y, −0 included
 }
 
 // `rglru_update` for a vector of channels, the same operations in the same order with exp_v for exp.

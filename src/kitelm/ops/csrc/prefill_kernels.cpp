@@ -8,7 +8,9 @@
 // Two epilogues of the bf16 GEMM path, each one pass: `gelu_mul` (a GeGLU's gelu_tanh(a + b_a) · (b + b_b)
 // in fp32 from bf16 or fp32 products, written as bf16 for the next GEMM or as fp32; torch's tanh GeLU alone costs
 // ~5× a memory pass) and `add_bias_into` (a bf16 product → fp32 + bias, the cast and the bias add of every bf16
-// linear in one pass). Their twins are `gelu_mul_reference` / `add_bias_reference` in kitelm/ops/prefill.py.
+// linear in one pass). Their twins are `gelu_mul_reference` / `add_bias_reference` in kitelm/ops/prefill.py. And
+// the logits' soft cap in place, `soft_cap_` (x ← cap·tanh(x / cap); torch's tanh takes ~1.1 ns an element here, a
+// memory pass ~0.05), twin `soft_cap_reference`.
 // `isa` 0 = portable C++ (std::exp), 1 = AVX2 + FMA, 2 = AVX-512: one template each over the vector traits of
 // kernel_common.h, with its exp_v (a Cephes-style exp: Cody-Waite reduction, degree-6 polynomial, p·2ⁿ; within
 // ~2 ulp of expf). The file is compiled for baseline x86-64; each fast path has its own target.
@@ -209,6 +211,17 @@ KITELM_AVX512_FMA KITELM_FLATTEN void scan_avx512(const Scan& s, int64_t b, int6
 KITELM_AVX2_FMA KITELM_FLATTEN void epilogue_avx2(const Epilogue& e, bool gelu, int64_t r) { epilogue_v<F32x8>(e, gelu, r); }
 KITELM_AVX512_FMA KITELM_FLATTEN void epilogue_avx512(const Epilogue& e, bool gelu, int64_t r) { epilogue_v<F32x16>(e, gelu, r); }
 
+// x[i] ← cap·tanh(x[i] / cap) over whole vectors from `begin`; returns where they end (soft_cap_ does the tail).
+template <class V>
+KITELM_INLINE int64_t soft_cap_v(float* x, float cap, int64_t begin, int64_t end) {
+  const typename V::F c = V::set1(cap);
+  int64_t i = begin;
+  for (; i + V::kLanes <= end; i += V::kLanes) V::store(x + i, V::mul(c, kitelm::tanh_v<V>(V::div(V::load(x + i), c))));
+  return i;
+}
+KITELM_AVX2_FMA KITELM_FLATTEN int64_t soft_cap_avx2(float* x, float cap, int64_t b, int64_t e) { return soft_cap_v<F32x8>(x, cap, b, e); }
+KITELM_AVX512_FMA KITELM_FLATTEN int64_t soft_cap_avx512(float* x, float cap, int64_t b, int64_t e) { return soft_cap_v<F32x16>(x, cap, b, e); }
+
 #endif
 
 void check_fp32(const torch::Tensor& t, const char* what) {
@@ -399,7 +412,27 @@ void add_bias_into(const torch::Tensor& src, const c10::optional<torch::Tensor>&
   run_epilogue(src, bias, nullptr, c10::nullopt, out, isa, "add_bias_into");
 }
 
+// x (float32, contiguous, CPU, any shape) ← cap·tanh(x / cap), in place; returns x.
+torch::Tensor soft_cap_(torch::Tensor& x, double cap, int64_t isa) {
+  TORCH_CHECK(x.scalar_type() == torch::kFloat && x.device().is_cpu() && x.is_contiguous(),
+              "soft_cap_: x must be a contiguous float32 CPU tensor, got ", x.scalar_type());
+  TORCH_CHECK(cap > 0, "soft_cap_: cap must be > 0, got ", cap);
+  TORCH_CHECK(isa >= kScalar && isa <= best_isa(), "soft_cap_: isa ", isa, " is not available");
+  float* p = x.data_ptr<float>();
+  const float c = static_cast<float>(cap);
+  at::parallel_for(0, x.numel(), 32768, [&](int64_t begin, int64_t end) {
+    int64_t i = begin;
+#if KITELM_X86
+    if (isa == kAvx512) i = soft_cap_avx512(p, c, begin, end);
+    else if (isa == kAvx2) i = soft_cap_avx2(p, c, begin, end);
+#endif
+    for (; i < end; ++i) p[i] = c * std::tanh(p[i] / c);
+  });
+  return x;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("soft_cap_", &soft_cap_, "x <- cap * tanh(x / cap) in place (float32)");
   m.def("gelu_mul", &gelu_mul, "gelu_tanh(a + a_bias) · (b + b_bias) in float32, out bf16 or fp32");
   m.def("add_bias_into", &add_bias_into, "out = src + bias in float32 (e.g. a bf16 product into float32 y)");
   m.def("conv1d_forward", &conv1d_forward, "Conv1D over T tokens with document resets, state continued");
