@@ -19,14 +19,13 @@ compiled for the build machine's CPU (-march=native).
 from __future__ import annotations
 
 import functools
-import os
 from types import ModuleType
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .extension import CppExtension, isas_up_to, resolve_isa
+from .extension import CppExtension, KernelPaths
 
 MAX_ROWS = 8  # above this, MKL's GEMM reuses each weight across rows better than the row-streaming loop
 EXTENSION = CppExtension("decode_kernels", fallback="decoding uses the pure-torch layers")
@@ -71,25 +70,12 @@ def blas_streams_few_rows() -> bool:
     return cpu_vendor() == "GenuineIntel"
 
 
-def decode_isa() -> int:
-    """The path of `rglru_step` and `attend_ring`: KITELM_DECODE_ISA (plain | avx2 | avx512) if set, else the fastest
-    this CPU runs."""
-    return _isa(os.environ.get("KITELM_DECODE_ISA", ""))
-
-
-@functools.cache
-def _isa(forced: str) -> int:
-    kernels = _kernels()
-    return resolve_isa("KITELM_DECODE_ISA", forced, ISAS, kernels.best_isa() if kernels is not None else 0)
-
-
-def available_isas() -> list[str]:
-    """The paths this CPU runs (tests run every one)."""
-    kernels = _kernels()
-    return isas_up_to(ISAS, kernels.best_isa() if kernels is not None else -1)
-
-
 @functools.cache
 def _kernels() -> ModuleType | None:
     """The compiled module, looked up once per process (KITELM_NO_CPP is read then), or None."""
     return EXTENSION.module()
+
+
+PATHS = KernelPaths("KITELM_DECODE_ISA", ISAS, _kernels)
+decode_isa = PATHS.current  # the path of rglru_step and attend_ring: KITELM_DECODE_ISA if set, else the best
+available_isas = PATHS.available

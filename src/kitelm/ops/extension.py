@@ -10,6 +10,7 @@ each other's on every switch.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import re
 import sys
@@ -17,31 +18,51 @@ import threading
 import warnings
 from pathlib import Path
 from types import ModuleType
+from typing import Callable
 
 from ..errors import ConfigError
 
 CSRC = Path(__file__).parent / "csrc"
 
 
-def resolve_isa(variable: str, forced: str, isas: dict[str, int], best: int,
-                aliases: dict[str, str] | None = None) -> int:
-    """The level of the kernel path to run: `best` (the fastest this CPU runs) unless the environment variable
-    `variable` is set to `forced`, the name of one of `isas` (or of its `aliases`) that the CPU runs. Anything else
-    is a ConfigError naming the variable."""
-    if not forced:
-        return best
-    name = (aliases or {}).get(forced, forced)
-    if name not in isas:
-        raise ConfigError(f"{variable}={forced!r} is unknown; choose one of {', '.join(isas)}")
-    if isas[name] > best:
-        best_name = max((k for k, v in isas.items() if v <= best), key=isas.get, default="none")
-        raise ConfigError(f"{variable}={forced}: this CPU does not run that path (best: {best_name})")
-    return isas[name]
+class KernelPaths:
+    """Which vector path of an extension's kernels runs. `levels` maps each path's name to the `isa` argument the
+    kernels take (higher = faster); the fastest this CPU runs is the compiled module's `best_isa()`, and the
+    environment variable `variable` set to a name of `levels` (or of its `aliases`) forces a slower one, as the tests
+    do to check every path. The variable is read at each `current()` (a dict lookup); its resolution is cached."""
 
+    def __init__(self, variable: str, levels: dict[str, int], kernels: Callable[[], ModuleType | None],
+                 aliases: dict[str, str] | None = None):
+        self.variable, self.levels, self.aliases, self._kernels = variable, levels, aliases or {}, kernels
+        self._resolve = functools.cache(self._resolve_uncached)
 
-def isas_up_to(isas: dict[str, int], best: int) -> list[str]:
-    """The names of the paths in `isas` a CPU whose fastest path is `best` runs (−1: none)."""
-    return [name for name, level in isas.items() if level <= best]
+    def current(self) -> int:
+        """The level to pass as `isa`: the forced path if the variable is set, else the best this CPU runs."""
+        return self._resolve(os.environ.get(self.variable, ""))
+
+    def forced(self) -> bool:
+        return bool(os.environ.get(self.variable))
+
+    def best(self) -> int:
+        """The fastest level this CPU runs (−1: the extension did not build)."""
+        kernels = self._kernels()
+        return kernels.best_isa() if kernels is not None else -1
+
+    def available(self) -> list[str]:
+        """The names of the paths this CPU runs (tests run every one)."""
+        return [name for name, level in self.levels.items() if level <= self.best()]
+
+    def _resolve_uncached(self, forced: str) -> int:
+        best = max(self.best(), 0)
+        if not forced:
+            return best
+        name = self.aliases.get(forced, forced)
+        if name not in self.levels:
+            raise ConfigError(f"{self.variable}={forced!r} is unknown; choose one of {', '.join(self.levels)}")
+        if self.levels[name] > best:
+            best_name = max((k for k, v in self.levels.items() if v <= best), key=self.levels.get, default="none")
+            raise ConfigError(f"{self.variable}={forced}: this CPU does not run that path (best: {best_name})")
+        return self.levels[name]
 
 
 def disabled_reason() -> str:

@@ -20,14 +20,13 @@ beside the kernels").
 from __future__ import annotations
 
 import functools
-import os
 from types import ModuleType
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .extension import CppExtension, isas_up_to, resolve_isa
+from .extension import CppExtension, KernelPaths
 
 ISAS = {"portable": 0, "avx2": 1, "avx512": 2}
 EXTENSION = CppExtension("prefill_kernels", fallback="prefill uses the pure-torch RG-LRU",
@@ -57,7 +56,7 @@ def _kernels_with_a_path() -> ModuleType | None:
     """The compiled kernels where a path applies: AVX2 or AVX-512 (the portable one is slower than torch), or one
     forced by KITELM_PREFILL_ISA."""
     kernels = _kernels()
-    if kernels is None or (not os.environ.get("KITELM_PREFILL_ISA") and kernels.best_isa() < ISAS["avx2"]):
+    if kernels is None or (kernels.best_isa() < ISAS["avx2"] and not PATHS.forced()):
         return None
     return kernels
 
@@ -123,22 +122,11 @@ def _float_bias(bias: Tensor | None) -> Tensor | None:
     return None if bias is None else bias.float()
 
 
-def prefill_isa() -> int:
-    """KITELM_PREFILL_ISA if set, else the fastest path this CPU runs."""
-    return _isa(os.environ.get("KITELM_PREFILL_ISA", ""))
-
-
-@functools.cache
-def _isa(forced: str) -> int:
-    kernels = _kernels()
-    return resolve_isa("KITELM_PREFILL_ISA", forced, ISAS, kernels.best_isa() if kernels is not None else 0)
-
-
-def available_isas() -> list[str]:
-    kernels = _kernels()
-    return isas_up_to(ISAS, kernels.best_isa() if kernels is not None else -1)
-
-
 @functools.cache
 def _kernels() -> ModuleType | None:
     return EXTENSION.module()
+
+
+PATHS = KernelPaths("KITELM_PREFILL_ISA", ISAS, _kernels)
+prefill_isa = PATHS.current  # KITELM_PREFILL_ISA if set, else the fastest path this CPU runs
+available_isas = PATHS.available

@@ -38,8 +38,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .. import precision
 from ..errors import ConfigError
-from .extension import CppExtension, isas_up_to, resolve_isa
+from .extension import CppExtension, KernelPaths
 from .prefill import add_bias_into
 
 FORMATS = ("bf16", "int8", "int4")
@@ -218,7 +219,7 @@ def quantized_linear(x: Tensor, storage: Tensor, scales: Tensor | None, bias: Te
     if fmt == "bf16":
         gemv = lambda part: kernels.gemv_bf16(part, storage, b, isa)  # noqa: E731
     else:
-        int8_x, gemv_int = x_format() == "int8", getattr(kernels, f"gemv_{fmt}")
+        int8_x, gemv_int = x_format() == "int8", kernels.gemv_int8 if fmt == "int8" else kernels.gemv_int4
         gemv = lambda part: gemv_int(part, storage, scales, b, group, isa, int8_x)  # noqa: E731
     if rows <= MAX_ROWS:
         y = gemv(xf)
@@ -234,9 +235,7 @@ def gemv_rows(fmt: str) -> int:
     weights on a CPU with native bf16 take its GEMM above MAX_ROWS; elsewhere the tiled path would first convert
     every weight to fp32 tiles (RG-2B at batch 16 on the AVX2 Zen3: 4.8 tok/s, against 13 at batch 8), so they take
     the GEMV in calls of MAX_ROWS up to CHUNKED_GEMV_ROWS, as int8/int4 do."""
-    from ..precision import native_bf16
-
-    return MAX_ROWS if fmt == "bf16" and native_bf16() else CHUNKED_GEMV_ROWS
+    return MAX_ROWS if fmt == "bf16" and precision.native_bf16() else CHUNKED_GEMV_ROWS
 
 
 def _tiled_linear(x: Tensor, storage: Tensor, scales: Tensor | None, bias: Tensor | None, fmt: str,
@@ -282,7 +281,8 @@ def bf16_gemm_path(x: Tensor, *layers) -> bool:
     path: more rows than `gemv_rows` on a device with native bf16. Layers that fuse their epilogues (`MLP`,
     `RecurrentBlock`) then pass bf16 products from one GEMM to the next instead of float32 tensors."""
     rows = x.numel() // max(x.shape[-1], 1)
-    return (x.dtype == torch.float32 and not torch.is_grad_enabled() and not torch.is_autocast_enabled(x.device.type)
+    return (rows > MAX_ROWS and x.dtype == torch.float32 and not torch.is_grad_enabled()
+            and not torch.is_autocast_enabled(x.device.type)
             and all(isinstance(layer.weight, QuantizedWeight) and rows > gemv_rows(layer.weight.fmt)
                     for layer in layers)
             and gemm_dtype(x) == torch.bfloat16)
@@ -301,9 +301,7 @@ def _dequantize_into(storage: Tensor, scales: Tensor, fmt: str, group: int, tile
 def gemm_dtype(x: Tensor) -> torch.dtype:
     """The dtype of the tiled GEMM: bf16 where the device multiplies bf16 natively, else float32 (x's own dtype when
     it is already bf16)."""
-    from ..precision import native_bf16
-
-    if x.dtype == torch.bfloat16 or native_bf16(x.device):
+    if x.dtype == torch.bfloat16 or precision.native_bf16(x.device):
         return torch.bfloat16
     return torch.float32
 
@@ -318,23 +316,6 @@ def dequantize(storage: Tensor, scales: Tensor | None, fmt: str, group: int, in_
     return w
 
 
-def kernel_isa() -> int:
-    """The GEMV path: KITELM_QUANT_ISA (portable | avx2 | avx512 | avx512vnni) if set, else the fastest this CPU runs."""
-    return _isa(os.environ.get("KITELM_QUANT_ISA", ""))
-
-
-@functools.cache
-def _isa(forced: str) -> int:
-    kernels = _kernels()
-    return resolve_isa("KITELM_QUANT_ISA", forced, ISAS, kernels.best_isa() if kernels is not None else 0, ISA_ALIASES)
-
-
-def available_isas() -> list[str]:
-    """The GEMV paths this CPU can run (tests run every one)."""
-    kernels = _kernels()
-    return isas_up_to(ISAS, kernels.best_isa() if kernels is not None else -1)
-
-
 @functools.cache
 def _kernels() -> ModuleType | None:
     return EXTENSION.module()
@@ -345,17 +326,12 @@ def _dequant_kernels() -> ModuleType | None:
     return DEQUANT_EXTENSION.module()
 
 
-def dequant_isa() -> int:
-    """The tile dequantizer's path: KITELM_QUANT_ISA mapped onto it (avx512vnni → avx512), else the fastest."""
-    return _dequant_isa(os.environ.get("KITELM_QUANT_ISA", ""))
-
-
-@functools.cache
-def _dequant_isa(forced: str) -> int:
-    dq = _dequant_kernels()
-    best = dq.best_isa() if dq is not None else 0
-    forced = {"avx512vnni": "avx512", "avx512bf16": "avx512"}.get(forced, forced)
-    return min(best, DEQUANT_ISAS[forced]) if forced in DEQUANT_ISAS else best
+# The GEMV path: KITELM_QUANT_ISA (portable | avx2 | avx512 | avx512vnni) if set, else the fastest this CPU runs; the
+# tile dequantizer follows the same variable, its AVX-512 path serving both AVX-512 names.
+PATHS = KernelPaths("KITELM_QUANT_ISA", ISAS, _kernels, ISA_ALIASES)
+DEQUANT_PATHS = KernelPaths("KITELM_QUANT_ISA", DEQUANT_ISAS, _dequant_kernels,
+                            {"avx512vnni": "avx512", "avx512bf16": "avx512"})
+kernel_isa, dequant_isa, available_isas = PATHS.current, DEQUANT_PATHS.current, PATHS.available
 
 
 class QuantizedWeight:
