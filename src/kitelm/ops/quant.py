@@ -38,7 +38,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import precision
 from ..errors import ConfigError
 from .extension import CppExtension, KernelPaths
 from .prefill import add_bias_into
@@ -235,7 +234,11 @@ def gemv_rows(fmt: str) -> int:
     weights on a CPU with native bf16 take its GEMM above MAX_ROWS; elsewhere the tiled path would first convert
     every weight to fp32 tiles (RG-2B at batch 16 on the AVX2 Zen3: 4.8 tok/s, against 13 at batch 8), so they take
     the GEMV in calls of MAX_ROWS up to CHUNKED_GEMV_ROWS, as int8/int4 do."""
-    return MAX_ROWS if fmt == "bf16" and precision.native_bf16() else CHUNKED_GEMV_ROWS
+    if fmt != "bf16":
+        return CHUNKED_GEMV_ROWS
+    from ..precision import native_bf16
+
+    return MAX_ROWS if native_bf16() else CHUNKED_GEMV_ROWS
 
 
 def _tiled_linear(x: Tensor, storage: Tensor, scales: Tensor | None, bias: Tensor | None, fmt: str,
@@ -301,7 +304,9 @@ def _dequantize_into(storage: Tensor, scales: Tensor, fmt: str, group: int, tile
 def gemm_dtype(x: Tensor) -> torch.dtype:
     """The dtype of the tiled GEMM: bf16 where the device multiplies bf16 natively, else float32 (x's own dtype when
     it is already bf16)."""
-    if x.dtype == torch.bfloat16 or precision.native_bf16(x.device):
+    from ..precision import native_bf16
+
+    if x.dtype == torch.bfloat16 or native_bf16(x.device):
         return torch.bfloat16
     return torch.float32
 
