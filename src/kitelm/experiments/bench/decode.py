@@ -3,7 +3,8 @@ weights, nothing downloaded. One fresh process per format (peak RSS only grows w
 block by block (a block in fp32 at a time, then quantized: a 9B model never exists in fp32) and measures
 
 * batch-1 decode ms/token after a 64-token prompt, beside the byte floor: stored weight bytes ÷ the read bandwidth
-  measured in the same process (`torch.sum` over 1 GiB, far beyond the 480 MiB L3 of the Sapphire-Rapids VM);
+  measured in the same process (`torch.sum` over 1 GiB, far beyond the 480 MiB L3 of the Sapphire-Rapids VM) just
+  before each round of steps (`_batch1_rounds`);
 * prefill tokens/s per prompt length with last-token-only logits, beside the GEMM bound (the FLOPs that pass must
   do, `prefill_flops`, ÷ the measured peak of the dtype the tiled path uses: bf16 where native, else fp32);
 * batched decode tokens/s at each batch size; peak RSS;
@@ -30,14 +31,17 @@ from ..machine import ALLOCATOR_ENV, peak_rss_bytes
 NOTE = ("Random-weight model per format in its own process (fp32 = the unquantized model; bf16/int8/int4 = "
         "`kitelm quantize` storage: Linear layers and the tied embedding, RG-LRU and norms fp32). ms/token: batch-1 "
         "greedy decode after a 64-token prompt, fastest of the timed steps (median beside it). Floor: stored weight "
-        "bytes ÷ read bandwidth measured in the same process. Prefill: tokens/s of one pass into the cache with "
-        "last-token-only logits (as `generate` prefills); of_bound = the FLOPs that pass must do ÷ the measured "
-        "2048³ GEMM peak of the compute dtype ÷ its time, where the FLOPs are 2 per weight per prompt token for all "
-        "but the output matrix (incl. the RG-LRU gates, which run in fp32), 2·vocab·width once for the last "
-        "token's logits, and the local attention's scores and sums (prefill512_GFLOP_per_token). Batched: decode "
-        "tokens/s at B rows. transformers rows: its model at the same configuration, random weights, batch-1 `generate` after the same "
-        "prompt (fastest gap between two tokens).")
+        "bytes ÷ the read bandwidth measured in the same process just before each of 4 rounds of steps; of_floor is "
+        "the median over the rounds of that round's floor ÷ its fastest step, read_GBps and floor_ms the median "
+        "round's. Prefill: tokens/s of one pass into the cache with last-token-only logits (as `generate` "
+        "prefills); of_bound = the FLOPs that pass must do ÷ the measured 2048³ GEMM peak of the compute dtype ÷ its "
+        "time, where the FLOPs are 2 per weight per prompt token for all but the output matrix (incl. the RG-LRU "
+        "gates, which run in fp32), 2·vocab·width once for the last token's logits, and the local attention's "
+        "scores and sums (prefill512_GFLOP_per_token). Batched: decode tokens/s at B rows. transformers rows: its "
+        "model at the same configuration, random weights, batch-1 `generate` after the same prompt (fastest gap "
+        "between two tokens).")
 WEIGHTS = ("fp32", "bf16", "int8", "int4")
+ROUNDS = 4  # batch-1 decoding is timed in this many rounds, each beside its own bandwidth sample
 
 
 def random_model(preset: str, weights: str, group_size: int = -1, embedding: bool = True, seed: int = 0):
@@ -89,19 +93,48 @@ def read_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> float:
     return nbytes / best
 
 
-def _decode_times(model, batch: int, prompt: int, steps: int) -> list[float]:
-    vocab = model.config.vocab_size
+def _prefilled(model, batch: int, prompt: int, steps: int) -> tuple:
+    """(cache, next token ids [batch, 1]) after a random `prompt`-token prefill, room for `steps` more tokens."""
     cache = model.new_cache(batch, max_len=prompt + steps + 2)
-    ids = torch.randint(0, vocab, (batch, prompt))
-    logits = model(ids, cache=cache)
-    nxt = logits[:, -1].argmax(-1, keepdim=True)
+    logits = model(torch.randint(0, model.config.vocab_size, (batch, prompt)), cache=cache)
+    return cache, logits[:, -1].argmax(-1, keepdim=True)
+
+
+def _timed_steps(model, cache, nxt, steps: int) -> tuple[list[float], torch.Tensor]:
+    """Seconds of each of `steps` greedy decoding steps continuing `cache`, and the next token ids."""
     times = []
     for _ in range(steps):
         start = time.perf_counter()
         logits = model(nxt, cache=cache)
         nxt = logits[:, -1].argmax(-1, keepdim=True)
         times.append(time.perf_counter() - start)
-    return times[1:]  # the first step after prefill pays page faults of fresh buffers
+    return times, nxt
+
+
+def _decode_times(model, batch: int, prompt: int, steps: int) -> list[float]:
+    cache, nxt = _prefilled(model, batch, prompt, steps)
+    return _timed_steps(model, cache, nxt, steps)[0][1:]  # the first step after prefill pays page faults
+
+
+def _batch1_rounds(model, nbytes: int, steps: int, rounds: int = ROUNDS) -> dict:
+    """Batch-1 decoding after a 64-token prompt in `rounds` rounds of `steps` steps on one cache, each round timed
+    right after its own read-bandwidth sample: the VMs' bandwidth drifts by up to 2× within minutes (NOTES.md), so
+    a floor means something only beside steps timed at the same moment. of_floor is the median over the rounds of
+    (bytes ÷ that round's bandwidth) ÷ that round's fastest step; read_GBps and floor_ms are the median round's."""
+    cache, nxt = _prefilled(model, 1, 64, rounds * steps + 1)
+    _, nxt = _timed_steps(model, cache, nxt, 1)  # page faults of fresh buffers
+    samples, ratios, times = [], [], []
+    for _ in range(rounds):
+        bandwidth = max(read_bandwidth(repeats=3), 1.0)
+        round_times, nxt = _timed_steps(model, cache, nxt, steps)
+        samples.append(bandwidth)
+        ratios.append(nbytes / bandwidth / min(round_times))
+        times += round_times
+    bw = sorted(samples)[len(samples) // 2]
+    best, median = min(times), sorted(times)[len(times) // 2]
+    return dict(read_GBps=round(bw / 1e9, 1), ms_per_token=round(1e3 * best, 1),
+                ms_per_token_median=round(1e3 * median, 1), floor_ms=round(1e3 * nbytes / bw, 1),
+                of_floor=round(sorted(ratios)[len(ratios) // 2], 2), tok_per_s=round(1 / best, 2))
 
 
 def measure(preset: str, weights: str, group_size: int, embedding: bool, prompt_lens: list[int],
@@ -115,14 +148,7 @@ def measure(preset: str, weights: str, group_size: int, embedding: bool, prompt_
     nbytes = stored_bytes(model)
     row: dict = {"model": preset, "weights": weights, "build_s": round(built, 1), "stored_GB": round(nbytes / 1e9, 3)}
     with torch.inference_mode():
-        bw = max(read_bandwidth(), 1.0)
-        times = _decode_times(model, 1, 64, steps)
-        bw = max(bw, read_bandwidth())  # before and after: the VM's bandwidth drifts
-        best, median = min(times), sorted(times)[len(times) // 2]
-        floor = nbytes / bw
-        row.update(read_GBps=round(bw / 1e9, 1), ms_per_token=round(1e3 * best, 1),
-                   ms_per_token_median=round(1e3 * median, 1), floor_ms=round(1e3 * floor, 1),
-                   of_floor=round(floor / best, 2), tok_per_s=round(1 / best, 2))
+        row.update(_batch1_rounds(model, nbytes, steps))
         config = model.config
         dtype = torch.bfloat16 if weights != "fp32" and native_bf16() else torch.float32
         from ..machine import gemm_peak_flops
