@@ -13,8 +13,8 @@ one pass, from bf16 GEMM outputs straight to the bf16 input of the next GEMM) an
 into float32 y with its bias). Each has its pure-torch twin here (`gelu_mul_reference`, `add_bias_reference`), which
 runs wherever the kernels do not (other devices, autograd, CPUs without AVX2). So does `soft_cap`, the output
 head's cap·tanh(logits / cap) in place (twin `soft_cap_reference`): torch's tanh costs ~0.3 ms over RecurrentGemma's
-256,000 logits of a decoding step on the AVX-512 Zen5, the kernel ~0.02 (benchmarks/NOTES.md, "Decode step: the Python
-beside the kernels").
+256,000 logits of a decoding step on the AVX-512 Zen5, the kernel 0.04 (benchmarks/NOTES.md, "The Python beside the
+kernels").
 """
 
 from __future__ import annotations
