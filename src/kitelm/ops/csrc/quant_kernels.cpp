@@ -471,7 +471,37 @@ KITELM_INLINE void int_rows(const Problem& p, int64_t o0, int64_t gap, float* co
 }
 
 template <class V, Fmt F, int R>
+KITELM_INLINE void rows_int(const Problem& p, int64_t begin, int64_t end);
+
+// int4 weights at 3-8 rows of x: the rows of x two at a time over blocks of ~256 KiB of weight rows, so the block is
+// read from DRAM once and from L2 for the other pairs. The int4 chunk needs more registers a row of x than int8's
+// (two x_q vectors and the offsets), and at more than 2 rows the kernel ran slower per row than 2-row calls (RG-9B's
+// 12,288 × 4,096 at 8 rows: one call 14.6 ms, four 2-row calls 10.6; benchmarks/NOTES.md).
+template <class V, int R>
+KITELM_INLINE void rows_int4_in_pairs(const Problem& p, int64_t begin, int64_t end) {
+  const int64_t block = std::max<int64_t>(16, (256 << 10) / std::max<int64_t>(p.in / 2, 1));
+  for (int64_t b0 = begin; b0 < end; b0 += block) {
+    for (int r0 = 0; r0 < R; r0 += 2) {
+      Problem pair = p;
+      XLanes lanes = *p.lanes;
+      lanes.q += r0 * lanes.row_q;
+      lanes.s += r0 * lanes.row_lanes;
+      lanes.corr += r0 * lanes.row_lanes;
+      pair.lanes = &lanes;
+      pair.x = p.x + r0 * p.in;
+      pair.y = p.y + r0 * p.out;
+      pair.rows = std::min(2, R - r0);
+      if (pair.rows == 2) rows_int<V, Fmt::int4, 2>(pair, b0, std::min(end, b0 + block));
+      else rows_int<V, Fmt::int4, 1>(pair, b0, std::min(end, b0 + block));
+    }
+  }
+}
+
+template <class V, Fmt F, int R>
 KITELM_INLINE void rows_int(const Problem& p, int64_t begin, int64_t end) {
+  if constexpr (F == Fmt::int4 && R > 2) {
+    return rows_int4_in_pairs<V, R>(p, begin, end);
+  }
   // two weight rows at a time where the registers hold 2 × R accumulators (AVX2 has 16 vector registers), one from
   // each half of [begin, end): two independent DRAM streams per core, which the prefetchers keep in flight together
   // (adjacent rows are one stream; the halves measured +12-17 % on DRAM-resident weights: benchmarks/NOTES.md)
