@@ -473,10 +473,10 @@ KITELM_INLINE void int_rows(const Problem& p, int64_t o0, int64_t gap, float* co
 template <class V, Fmt F, int R>
 KITELM_INLINE void rows_int(const Problem& p, int64_t begin, int64_t end);
 
-// int4 weights at 3-8 rows of x: the rows of x two at a time over blocks of ~256 KiB of weight rows, so the block is
-// read from DRAM once and from L2 for the other pairs. The int4 chunk needs more registers a row of x than int8's
-// (two x_q vectors and the offsets), and at more than 2 rows the kernel ran slower per row than 2-row calls (RG-9B's
-// 12,288 × 4,096 at 8 rows: one call 14.6 ms, four 2-row calls 10.6; benchmarks/NOTES.md).
+// int4 weights at 7-8 rows of x: the rows of x two at a time over blocks of ~256 KiB of weight rows, so the block is
+// read from DRAM once and from L2 for the other pairs. The int4 chunk needs more registers a row of x than int8's (two
+// x_q vectors and the offsets), and at 8 rows the one-pass kernel collapses: RG-9B's linears 380 → 291 ms at 8 rows,
+// RG-2B's 103 → 99; at 7 rows both ways are equal, at 4-6 rows the one pass is 4-19 % faster (benchmarks/NOTES.md).
 template <class V, int R>
 KITELM_INLINE void rows_int4_in_pairs(const Problem& p, int64_t begin, int64_t end) {
   const int64_t block = std::max<int64_t>(16, (256 << 10) / std::max<int64_t>(p.in / 2, 1));
@@ -499,7 +499,7 @@ KITELM_INLINE void rows_int4_in_pairs(const Problem& p, int64_t begin, int64_t e
 
 template <class V, Fmt F, int R>
 KITELM_INLINE void rows_int(const Problem& p, int64_t begin, int64_t end) {
-  if constexpr (F == Fmt::int4 && R > 2) {
+  if constexpr (F == Fmt::int4 && R >= 7) {
     return rows_int4_in_pairs<V, R>(p, begin, end);
   }
   // two weight rows at a time where the registers hold 2 × R accumulators (AVX2 has 16 vector registers), one from
