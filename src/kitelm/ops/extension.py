@@ -29,7 +29,8 @@ class KernelPaths:
     """Which vector path of an extension's kernels runs. `levels` maps each path's name to the `isa` argument the
     kernels take (higher = faster); the fastest this CPU runs is the compiled module's `best_isa()`, and the
     environment variable `variable` set to a name of `levels` (or of its `aliases`) forces a slower one, as the tests
-    do to check every path. The variable is read at each `current()` (a dict lookup); its resolution is cached."""
+    do to check every path. The variable is read at each `current()` (one environment lookup); its resolution is
+    cached."""
 
     def __init__(self, variable: str, levels: dict[str, int], kernels: Callable[[], ModuleType | None],
                  aliases: dict[str, str] | None = None):

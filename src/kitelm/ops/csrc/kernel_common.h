@@ -1,8 +1,8 @@
 // What the C++ extensions of this folder share: x86 detection (with <immintrin.h>), KITELM_INLINE, the -Wpsabi note,
 // bfloat16 ↔ float32 as bit patterns, fp32 vector traits for AVX2 (F32x8) and AVX-512 (F32x16), and the RG-LRU's
 // per-channel update (scalar, and a vector of channels with its exp, over either traits), and a vector tanh. Each
-// source includes it; the build key in kitelm/ops/extension.py hashes this header with the compiler flags, so a change here rebuilds
-// every extension.
+// source includes it; the build key in kitelm/ops/extension.py hashes this header with the compiler flags, so a
+// change here rebuilds every extension.
 #pragma once
 #include <cmath>
 #include <cstdint>
