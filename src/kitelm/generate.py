@@ -46,8 +46,9 @@ def sample_next(logits: torch.Tensor, sampling: Sampling, generator: torch.Gener
 
     Nothing sorts or draws over the whole vocabulary where it need not: top-p finds its nucleus among the likeliest
     tokens (`_nucleus`) and a draw is one uniform a row against the cumulative weights (`draw`). Over
-    RecurrentGemma's 256,000 tokens torch's multinomial takes 3.7 ms and a full sort 18 ms on the AVX-512 Zen5, as
-    much as a third of an int4 decoding step (benchmarks/NOTES.md, "The Python beside the kernels", Sampling)."""
+    RecurrentGemma's 256,000 tokens torch's multinomial takes 3.7 ms and a full sort 18 ms on the AVX-512 Zen5,
+    against 30-45 ms for a whole int4 RG-2B decoding step (benchmarks/NOTES.md, "The Python beside the kernels",
+    Sampling)."""
     if sampling.temperature == 0:
         return logits.argmax(-1)
     logits = logits.float() / sampling.temperature
